@@ -1,0 +1,1 @@
+//! parley: a real-time chat and notification server.
