@@ -1,0 +1,313 @@
+//! Flags and `PARLEY_*` environment variables, turned into one validated [`Config`].
+//!
+//! Every limit the server enforces is named here, with its default, so the
+//! README's configuration table and the code cannot drift apart. This module
+//! never opens a socket or the store (the secret file aside, which is part of
+//! resolving what the operator asked for).
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use jsonwebtoken::Algorithm;
+
+/// `parley` with no subcommand runs the server.
+#[derive(Debug, Parser)]
+#[command(name = "parley", version, about = "Real-time chat and notification server")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print a token for a user, signed with the server's secret.
+    Token(TokenArgs),
+}
+
+/// Where the HS256 secret comes from; shared by the server and `parley token`.
+#[derive(Debug, Args, Clone)]
+pub struct SecretArgs {
+    /// Directory holding the store (and the generated secret).
+    #[arg(long, env = "PARLEY_DATA_DIR", default_value = "parley-data")]
+    pub data_dir: PathBuf,
+    /// HS256 secret. Default: a random secret generated in the data dir on first start.
+    #[arg(long, env = "PARLEY_JWT_SECRET", hide_env_values = true, conflicts_with = "jwt_secret_file")]
+    pub jwt_secret: Option<String>,
+    /// File holding the HS256 secret.
+    #[arg(long, env = "PARLEY_JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "PARLEY_LISTEN", default_value = "127.0.0.1:8000")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub secret: SecretArgs,
+    /// PEM public key for RS256 / ES256 / EdDSA tokens (instead of a secret).
+    #[arg(long, env = "PARLEY_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// Token algorithm: HS256 (default), or RS256 / ES256 / EdDSA with --jwt-public-key.
+    #[arg(long, env = "PARLEY_JWT_ALGORITHM")]
+    pub jwt_algorithm: Option<String>,
+    /// Required `aud` claim (checked only when set).
+    #[arg(long, env = "PARLEY_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Required `iss` claim (checked only when set).
+    #[arg(long, env = "PARLEY_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Accept tokens without `exp` (refused by default).
+    #[arg(long, env = "PARLEY_JWT_ALLOW_NO_EXP")]
+    pub jwt_allow_no_exp: bool,
+    /// Longest message text, in Unicode code points.
+    #[arg(long, env = "PARLEY_MAX_MESSAGE_CHARS", default_value_t = 4000)]
+    pub max_message_chars: usize,
+    /// Largest inbound WebSocket frame (and whole fragmented message), in payload bytes.
+    #[arg(long, env = "PARLEY_MAX_FRAME_BYTES", default_value_t = 65536)]
+    pub max_frame_bytes: usize,
+    /// Most WebSocket connections open at once; beyond it upgrades get 503.
+    #[arg(long, env = "PARLEY_MAX_CONNECTIONS", default_value_t = 1_000_000)]
+    pub max_connections: usize,
+    /// `sync` (flush before anyone sees a write) or `interval:<ms>`.
+    #[arg(long, env = "PARLEY_DURABILITY", default_value = "sync")]
+    pub durability: String,
+    /// Bytes queued for one socket before it is closed as a slow consumer (1013).
+    #[arg(long, env = "PARLEY_MAX_OUTBOUND_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_outbound_bytes: usize,
+    /// Largest REST request body, in bytes (413 beyond).
+    #[arg(long, env = "PARLEY_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Events replayed at most on a resuming socket (Part D).
+    #[arg(long, env = "PARLEY_MAX_REPLAY_EVENTS", default_value_t = 1000)]
+    pub max_replay_events: usize,
+    /// Chat frames one socket may send per second (0 = unlimited).
+    #[arg(long, env = "PARLEY_RATE_LIMIT", default_value_t = 0)]
+    pub rate_limit: u32,
+    /// Time allowed for the HTTP request head, upgrade included (e.g. 10s).
+    #[arg(long, env = "PARLEY_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+    /// Serve `/metrics` (on by default).
+    #[arg(long, env = "PARLEY_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub metrics: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The username (`sub`).
+    pub username: String,
+    /// Mark the token `role: "service"` (may post notifications).
+    #[arg(long)]
+    pub service: bool,
+    /// Lifetime of the token.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+    #[command(flatten)]
+    pub secret: SecretArgs,
+}
+
+/// When a write becomes durable relative to when clients see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Every group of writes is flushed to disk before it is broadcast or answered.
+    Sync,
+    /// Writes are broadcast once in the store; the store flushes on this period.
+    Interval(Duration),
+}
+
+/// How tokens are verified.
+#[derive(Clone)]
+pub struct JwtConfig {
+    pub algorithm: Algorithm,
+    pub key: jsonwebtoken::DecodingKey,
+    /// Present for HS256 only: lets `parley token` and tests sign.
+    pub secret: Option<Vec<u8>>,
+    pub audience: Option<String>,
+    pub issuer: Option<String>,
+    pub require_exp: bool,
+}
+
+/// Everything the server needs, validated.
+#[derive(Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub jwt: JwtConfig,
+    pub max_message_chars: usize,
+    pub max_frame_bytes: usize,
+    pub max_connections: usize,
+    pub durability: Durability,
+    pub max_outbound_bytes: usize,
+    pub max_body_bytes: usize,
+    pub max_replay_events: usize,
+    pub rate_limit: u32,
+    pub handshake_timeout: Duration,
+    pub metrics: bool,
+}
+
+/// A configuration the operator must fix; the message names the flag.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn bad(msg: impl Into<String>) -> ConfigError {
+    ConfigError(msg.into())
+}
+
+impl Config {
+    pub fn from_args(a: ServeArgs) -> Result<Config, ConfigError> {
+        let durability = parse_durability(&a.durability)?;
+        if a.max_message_chars == 0 {
+            return Err(bad("--max-message-chars must be at least 1"));
+        }
+        if a.max_frame_bytes < 128 {
+            return Err(bad("--max-frame-bytes must be at least 128"));
+        }
+        if a.max_connections == 0 {
+            return Err(bad("--max-connections must be at least 1"));
+        }
+        if a.max_outbound_bytes < 4096 {
+            return Err(bad("--max-outbound-bytes must be at least 4096"));
+        }
+        if a.max_body_bytes < 256 {
+            return Err(bad("--max-body-bytes must be at least 256"));
+        }
+        if a.max_replay_events == 0 {
+            return Err(bad("--max-replay-events must be at least 1"));
+        }
+        let algorithm = match a.jwt_algorithm.as_deref() {
+            None | Some("HS256") => Algorithm::HS256,
+            Some("RS256") => Algorithm::RS256,
+            Some("ES256") => Algorithm::ES256,
+            Some("EdDSA") => Algorithm::EdDSA,
+            Some(other) => {
+                return Err(bad(format!(
+                    "--jwt-algorithm: '{other}' is not one of HS256, RS256, ES256, EdDSA"
+                )))
+            }
+        };
+        let (key, secret) = if algorithm == Algorithm::HS256 {
+            if a.jwt_public_key.is_some() {
+                return Err(bad("--jwt-public-key needs --jwt-algorithm RS256, ES256 or EdDSA"));
+            }
+            let secret = resolve_secret(&a.secret, true)?;
+            (jsonwebtoken::DecodingKey::from_secret(&secret), Some(secret))
+        } else {
+            let path = a.jwt_public_key.as_ref().ok_or_else(|| {
+                bad(format!("--jwt-algorithm {algorithm:?} needs --jwt-public-key <pem>"))
+            })?;
+            let pem = std::fs::read(path)
+                .map_err(|e| bad(format!("--jwt-public-key {}: {e}", path.display())))?;
+            let key = match algorithm {
+                Algorithm::RS256 => jsonwebtoken::DecodingKey::from_rsa_pem(&pem),
+                Algorithm::ES256 => jsonwebtoken::DecodingKey::from_ec_pem(&pem),
+                _ => jsonwebtoken::DecodingKey::from_ed_pem(&pem),
+            }
+            .map_err(|e| bad(format!("--jwt-public-key {}: {e}", path.display())))?;
+            (key, None)
+        };
+        Ok(Config {
+            listen: a.listen,
+            data_dir: a.secret.data_dir,
+            jwt: JwtConfig {
+                algorithm,
+                key,
+                secret,
+                audience: a.jwt_audience,
+                issuer: a.jwt_issuer,
+                require_exp: !a.jwt_allow_no_exp,
+            },
+            max_message_chars: a.max_message_chars,
+            max_frame_bytes: a.max_frame_bytes,
+            max_connections: a.max_connections,
+            durability,
+            max_outbound_bytes: a.max_outbound_bytes,
+            max_body_bytes: a.max_body_bytes,
+            max_replay_events: a.max_replay_events,
+            rate_limit: a.rate_limit,
+            handshake_timeout: a.handshake_timeout,
+            metrics: a.metrics,
+        })
+    }
+
+    /// A configuration for tests and benches: everything default, data in `dir`.
+    pub fn for_tests(dir: &Path, secret: &str) -> Config {
+        let cli = Cli::parse_from([
+            "parley",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            dir.to_str().expect("utf-8 temp dir"),
+            "--jwt-secret",
+            secret,
+        ]);
+        Config::from_args(cli.serve).expect("test config is valid")
+    }
+}
+
+pub fn parse_durability(s: &str) -> Result<Durability, ConfigError> {
+    if s == "sync" {
+        return Ok(Durability::Sync);
+    }
+    if let Some(ms) = s.strip_prefix("interval:") {
+        if let Ok(ms) = ms.parse::<u64>() {
+            if ms > 0 {
+                return Ok(Durability::Interval(Duration::from_millis(ms)));
+            }
+        }
+    }
+    Err(bad(format!(
+        "--durability: '{s}' is not 'sync' or 'interval:<milliseconds>' (e.g. interval:100)"
+    )))
+}
+
+/// The HS256 secret: the flag, the file, or one generated into the data dir
+/// on first start (mode 0600) and reused after.
+pub fn resolve_secret(a: &SecretArgs, create: bool) -> Result<Vec<u8>, ConfigError> {
+    if let Some(s) = &a.jwt_secret {
+        if s.is_empty() {
+            return Err(bad("--jwt-secret must not be empty"));
+        }
+        return Ok(s.as_bytes().to_vec());
+    }
+    let (path, flag) = match &a.jwt_secret_file {
+        Some(p) => (p.clone(), "--jwt-secret-file"),
+        None => (a.data_dir.join("jwt-secret"), "--data-dir"),
+    };
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let trimmed = bytes.trim_ascii();
+            if trimmed.is_empty() {
+                return Err(bad(format!("{flag}: {} is empty", path.display())));
+            }
+            Ok(trimmed.to_vec())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && a.jwt_secret_file.is_none() && create => {
+            generate_secret(&a.data_dir, &path)
+                .map_err(|e| bad(format!("{flag}: cannot create {}: {e}", path.display())))
+        }
+        Err(e) => Err(bad(format!("{flag}: cannot read {}: {e}", path.display()))),
+    }
+}
+
+fn generate_secret(dir: &Path, path: &Path) -> std::io::Result<Vec<u8>> {
+    use rand::RngCore;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(dir)?;
+    let mut raw = [0u8; 32];
+    rand::rng().fill_bytes(&mut raw);
+    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(hex.as_bytes())?;
+    f.sync_all()?;
+    Ok(hex.into_bytes())
+}

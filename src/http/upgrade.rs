@@ -1,0 +1,153 @@
+//! The checks a WebSocket upgrade passes before any socket exists, in
+//! Part B/D's order: token (401), path (404), conversation (404),
+//! participant (403), `after` (400); then capacity (503) and the handshake.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, SEC_WEBSOCKET_PROTOCOL};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::{ApiError, Body, Route};
+use crate::auth::{self, AuthError};
+use crate::server::Shared;
+use crate::ws::{self, Session, Topic};
+
+pub fn upgrade(req: &mut Request<Incoming>, route: Route, shared: &Arc<Shared>) -> Result<Response<Body>, ApiError> {
+    let result = check(req, route, shared);
+    let (session, offered_bearer) = match result {
+        Ok(ok) => ok,
+        Err(e) => {
+            shared.metrics.refused.get_or_create(&crate::metrics::Status { status: e.status.as_u16() }).inc();
+            return Err(e);
+        }
+    };
+    if !fastwebsockets::upgrade::is_upgrade_request(req) {
+        return Err(ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "upgrade_required",
+            "this path is a WebSocket endpoint",
+        ));
+    }
+    // Count the socket now, so the cap holds even while upgrades are in flight.
+    if shared.sockets.fetch_add(1, Ordering::AcqRel) >= shared.config.max_connections {
+        shared.sockets.fetch_sub(1, Ordering::AcqRel);
+        shared.metrics.refused.get_or_create(&crate::metrics::Status { status: 503 }).inc();
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "too many open connections; retry later",
+        ));
+    }
+    // Take hyper's upgrade handle first: fastwebsockets then only checks the
+    // key and version and builds the 101, and the socket task gets the bare
+    // TcpStream back from hyper rather than a boxed, buffered wrapper.
+    let on_upgrade = hyper::upgrade::on(&mut *req);
+    let response = match fastwebsockets::upgrade::upgrade(&mut *req) {
+        Ok((response, _unused)) => response,
+        Err(e) => {
+            shared.sockets.fetch_sub(1, Ordering::AcqRel);
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_handshake", e.to_string()));
+        }
+    };
+    let (mut parts, _) = response.into_parts();
+    if offered_bearer {
+        parts.headers.insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("bearer"));
+    }
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!("upgrade did not complete: {e}");
+                shared.sockets.fetch_sub(1, Ordering::AcqRel);
+                return;
+            }
+        };
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(p) => {
+                let early = p.read_buf.to_vec();
+                // `read_buf` points into hyper's connection buffer: drop it
+                // now or it keeps that buffer alive for the socket's life.
+                drop(p.read_buf);
+                Box::pin(ws::serve(p.io.into_inner(), early, session, shared)).await
+            }
+            Err(_) => {
+                tracing::error!("upgraded connection is not a TcpStream");
+                shared.sockets.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    });
+    Ok(Response::from_parts(parts, Body::default()))
+}
+
+fn check(req: &Request<Incoming>, route: Route, shared: &Shared) -> Result<(Session, bool), ApiError> {
+    let query = req.uri().query();
+    let presented = auth::presented(req.headers(), query, true);
+    let token = presented.token.ok_or(ApiError::unauthorized(AuthError::Missing))?;
+    let who = shared.verifier.verify(token).map_err(ApiError::unauthorized)?;
+    let after_raw = auth::query_param(query, "after");
+    let bad_after = |detail| ApiError::invalid_field(detail);
+    let parse_after = |s: &str| -> Option<u64> {
+        if s == "0" {
+            Some(0)
+        } else {
+            super::parse_id(s)
+        }
+    };
+    let (topic, resume) = match route {
+        Route::Chat(id) => {
+            let id = id.ok_or(ApiError::not_found("no such conversation"))?;
+            if !shared.store.conversation_exists(id)? {
+                return Err(ApiError::not_found("no such conversation"));
+            }
+            if who.service || !shared.store.is_participant(id, &who.user)? {
+                return Err(ApiError::forbidden("not a participant of this conversation"));
+            }
+            let resume = match after_raw {
+                None => None,
+                Some(s) => {
+                    let after = parse_after(s).ok_or(bad_after("'after' must be 0 or a message id"))?;
+                    if after == 0 {
+                        Some(0)
+                    } else {
+                        let m = shared
+                            .store
+                            .message(id, after)?
+                            .ok_or(bad_after("'after' is not a message of this conversation"))?;
+                        Some(m.seq)
+                    }
+                }
+            };
+            (Topic::Chat(id), resume)
+        }
+        Route::Notifications => {
+            let resume = match after_raw {
+                None => None,
+                Some(s) => {
+                    let after = parse_after(s).ok_or(bad_after("'after' must be 0 or a notification id"))?;
+                    if after != 0 {
+                        match shared.store.notification(after)? {
+                            Some(n) if *n.user == *who.user => {}
+                            _ => return Err(bad_after("'after' is not one of your notifications")),
+                        }
+                    }
+                    Some(after)
+                }
+            };
+            (Topic::Notifications, resume)
+        }
+        _ => return Err(ApiError::not_found("no such WebSocket endpoint")),
+    };
+    Ok((
+        Session {
+            topic,
+            user: who.user,
+            resume,
+        },
+        presented.offered_bearer,
+    ))
+}

@@ -1,0 +1,266 @@
+//! Who is listening to what, and handing them bytes.
+//!
+//! A [`Hub`] maps each conversation to its open chat sockets and each user to
+//! their notification sockets. Publishing clones one `Bytes` (already framed,
+//! the same for every receiver) into each receiver's bounded [`Outbox`] and
+//! wakes its socket task: no encoding and no allocation per receiver. A map
+//! guard is never held across an `.await` (nothing here is async), and the
+//! hub never touches the store.
+//!
+//! This is the local half of fan-out. Across several nodes, the sequencer
+//! would publish to Redis and each node's subscriber would call the same
+//! `publish_*` methods; sockets would not change.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::{Bytes, BytesMut};
+use dashmap::DashMap;
+use smallvec::SmallVec;
+use tokio::sync::Notify;
+
+use crate::ws::frame::{self, OpCode};
+
+/// Why an outbox stopped accepting frames: the socket task sends this close
+/// and ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Closing {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+pub const SLOW_CONSUMER: Closing = Closing {
+    code: frame::close::TRY_AGAIN_LATER,
+    reason: "slow consumer: outbound queue full; reconnect with ?after= to resume",
+};
+
+/// The one ordered path to a socket's writer. Broadcasts, error frames,
+/// pongs and the close all go through it, so frames never interleave.
+pub struct Outbox {
+    state: Mutex<Queue>,
+    wake: Notify,
+    /// The socket's user: whether they are watching a conversation decides
+    /// who gets a notification for a chat message.
+    pub user: Arc<str>,
+    limit: usize,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// Usually one shared batch at a time; two inline before spilling.
+    frames: SmallVec<[Bytes; 2]>,
+    bytes: usize,
+    closing: Option<Closing>,
+}
+
+/// What a socket task takes from its outbox in one go.
+pub struct Drained {
+    pub frames: SmallVec<[Bytes; 2]>,
+    pub closing: Option<Closing>,
+}
+
+impl Outbox {
+    pub fn new(user: Arc<str>, limit: usize) -> Arc<Outbox> {
+        Arc::new(Outbox {
+            state: Mutex::new(Queue::default()),
+            wake: Notify::new(),
+            user,
+            limit,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // A panic while holding this lock cannot leave the queue half-updated
+        // in a way that matters (it is a list of whole frames), so poisoning
+        // is ignored rather than spreading the panic to every publisher.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues already-framed bytes. Beyond the limit the socket is marked
+    /// for closing as a slow consumer and its queue is dropped, so one stuck
+    /// reader never holds memory for more than `limit` bytes.
+    pub fn push(&self, bytes: Bytes) {
+        self.push_inner(bytes, false)
+    }
+
+    /// Queues frames that must not count against the limit (a resume
+    /// replay, itself bounded by `--max-replay-events`).
+    pub fn push_unbounded(&self, bytes: Bytes) {
+        self.push_inner(bytes, true)
+    }
+
+    fn push_inner(&self, bytes: Bytes, unbounded: bool) {
+        let mut q = self.lock();
+        if q.closing.is_some() {
+            return;
+        }
+        if !unbounded && q.bytes + bytes.len() > self.limit {
+            q.frames = SmallVec::new();
+            q.bytes = 0;
+            q.closing = Some(SLOW_CONSUMER);
+        } else {
+            q.bytes += bytes.len();
+            q.frames.push(bytes);
+        }
+        drop(q);
+        self.wake.notify_one();
+    }
+
+    /// Queues one text frame of this socket's own (an error reply).
+    pub fn push_text(&self, payload: &[u8]) {
+        let mut b = BytesMut::with_capacity(payload.len() + 4);
+        frame::put_frame(&mut b, OpCode::Text, payload);
+        self.push(b.freeze());
+    }
+
+    /// Asks the socket task to send this close and end.
+    pub fn close(&self, closing: Closing) {
+        let mut q = self.lock();
+        if q.closing.is_none() {
+            q.closing = Some(closing);
+        }
+        drop(q);
+        self.wake.notify_one();
+    }
+
+    /// Takes everything queued.
+    pub fn drain(&self) -> Drained {
+        let mut q = self.lock();
+        q.bytes = 0;
+        Drained {
+            frames: std::mem::take(&mut q.frames),
+            closing: q.closing,
+        }
+    }
+
+    /// Resolves when something was queued since the last drain.
+    pub async fn notified(&self) {
+        self.wake.notified().await
+    }
+}
+
+/// The sockets open on one conversation, and which users they belong to.
+#[derive(Default)]
+struct Room {
+    peers: Vec<Arc<Outbox>>,
+    /// Open chat sockets per user: a user with at least one gets no
+    /// notification for the conversation's messages.
+    watching: HashMap<Arc<str>, u32>,
+}
+
+#[derive(Default)]
+pub struct Hub {
+    rooms: DashMap<u64, Room>,
+    inboxes: DashMap<Arc<str>, SmallVec<[Arc<Outbox>; 2]>>,
+}
+
+impl Hub {
+    pub fn new() -> Hub {
+        Hub::default()
+    }
+
+    pub fn join(&self, conversation: u64, outbox: &Arc<Outbox>) {
+        let mut room = self.rooms.entry(conversation).or_default();
+        room.peers.push(outbox.clone());
+        *room.watching.entry(outbox.user.clone()).or_insert(0) += 1;
+    }
+
+    pub fn leave(&self, conversation: u64, outbox: &Arc<Outbox>) {
+        let empty = match self.rooms.get_mut(&conversation) {
+            Some(mut room) => {
+                if let Some(i) = room.peers.iter().position(|p| Arc::ptr_eq(p, outbox)) {
+                    room.peers.swap_remove(i);
+                    if let Some(n) = room.watching.get_mut(&outbox.user) {
+                        *n -= 1;
+                        if *n == 0 {
+                            room.watching.remove(&outbox.user);
+                        }
+                    }
+                }
+                room.peers.is_empty()
+            }
+            None => false,
+        };
+        if empty {
+            self.rooms.remove_if(&conversation, |_, r| r.peers.is_empty());
+        }
+    }
+
+    pub fn listen(&self, outbox: &Arc<Outbox>) {
+        self.inboxes.entry(outbox.user.clone()).or_default().push(outbox.clone());
+    }
+
+    pub fn unlisten(&self, outbox: &Arc<Outbox>) {
+        let empty = match self.inboxes.get_mut(&outbox.user) {
+            Some(mut list) => {
+                if let Some(i) = list.iter().position(|p| Arc::ptr_eq(p, outbox)) {
+                    list.swap_remove(i);
+                }
+                list.is_empty()
+            }
+            None => false,
+        };
+        if empty {
+            self.inboxes.remove_if(&outbox.user, |_, l| l.is_empty());
+        }
+    }
+
+    /// Whether `user` has a chat socket open on `conversation` right now.
+    pub fn is_watching(&self, conversation: u64, user: &str) -> bool {
+        self.rooms
+            .get(&conversation)
+            .is_some_and(|r| r.watching.contains_key(user))
+    }
+
+    /// The participants other than `sender` with no chat socket open on the
+    /// conversation: who gets a notification for a new message.
+    pub fn absent(&self, conversation: u64, participants: &[Arc<str>], sender: &str) -> SmallVec<[Arc<str>; 4]> {
+        let room = self.rooms.get(&conversation);
+        participants
+            .iter()
+            .filter(|p| &***p != sender)
+            .filter(|p| !room.as_ref().is_some_and(|r| r.watching.contains_key(&***p)))
+            .cloned()
+            .collect()
+    }
+
+    /// Hands `frames` to every socket of the conversation; returns how many.
+    pub fn publish_conversation(&self, conversation: u64, frames: &Bytes) -> usize {
+        match self.rooms.get(&conversation) {
+            Some(room) => {
+                for p in &room.peers {
+                    p.push(frames.clone());
+                }
+                room.peers.len()
+            }
+            None => 0,
+        }
+    }
+
+    /// Hands `frames` to every notification socket of `user`; returns how many.
+    pub fn publish_user(&self, user: &str, frames: &Bytes) -> usize {
+        match self.inboxes.get(user) {
+            Some(list) => {
+                for p in list.iter() {
+                    p.push(frames.clone());
+                }
+                list.len()
+            }
+            None => 0,
+        }
+    }
+
+    /// Every open socket, for shutdown.
+    pub fn close_all(&self, closing: Closing) {
+        for room in self.rooms.iter() {
+            for p in &room.peers {
+                p.close(closing);
+            }
+        }
+        for list in self.inboxes.iter() {
+            for p in list.iter() {
+                p.close(closing);
+            }
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! The accept loop, the state every connection shares, and shutdown.
+//!
+//! `run(listener, config, shutdown)` is the whole server: tests bind port 0
+//! and cancel the token; `main` passes ctrl-c / SIGTERM.
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Verifier;
+use crate::config::{Config, Durability};
+use crate::hub::{Closing, Hub};
+use crate::metrics::Metrics;
+use crate::sequencer::Sequencer;
+use crate::store::{SledStore, Store, StoreError};
+use crate::ws::frame::close;
+
+pub const GOING_AWAY: Closing = Closing {
+    code: close::GOING_AWAY,
+    reason: "server shutting down",
+};
+
+/// How long shutdown waits for connections to finish before exiting anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// What every connection shares, passed explicitly (no globals).
+pub struct Shared {
+    pub config: Config,
+    pub verifier: Verifier,
+    pub store: Arc<dyn Store>,
+    pub hub: Arc<Hub>,
+    pub sequencer: Sequencer,
+    pub metrics: Arc<Metrics>,
+    /// Open (or upgrading) WebSockets, for `--max-connections`.
+    pub sockets: AtomicUsize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Opens the store at `config.data_dir`.
+pub fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| StoreError::Open(format!("cannot create {}: {e}", config.data_dir.display())))?;
+    let flush_every = match config.durability {
+        Durability::Sync => None,
+        Durability::Interval(d) => Some(d.as_millis().max(1) as u64),
+    };
+    Ok(Arc::new(SledStore::open(&config.data_dir, flush_every)?))
+}
+
+/// Serves until `shutdown` is cancelled, then closes every socket with 1001,
+/// flushes the store and returns.
+pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationToken) -> Result<(), ServerError> {
+    let store = open_store(&config)?;
+    let hub = Arc::new(Hub::new());
+    let metrics = Arc::new(Metrics::new());
+    let (sequencer, writer) = Sequencer::start(
+        store.clone(),
+        hub.clone(),
+        metrics.clone(),
+        config.durability,
+        config.max_replay_events,
+    )?;
+    let shared = Arc::new(Shared {
+        verifier: Verifier::new(&config.jwt),
+        config,
+        store: store.clone(),
+        hub: hub.clone(),
+        sequencer,
+        metrics,
+        sockets: AtomicUsize::new(0),
+    });
+    println!("listening on http://{}", listener.local_addr()?);
+    let tracker = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let shared = shared.clone();
+                let shutdown = shutdown.clone();
+                tracker.spawn(connection(stream, shared, shutdown));
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off rather than spin.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    drop(listener);
+    tracker.close();
+    hub.close_all(GOING_AWAY);
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
+        tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; exiting anyway");
+    }
+    // Dropping the last sequencer handle ends the writer after a final flush.
+    drop(shared);
+    let flushed = tokio::task::spawn_blocking(move || {
+        let _ = writer.join();
+        store.sync()
+    })
+    .await;
+    match flushed {
+        Ok(r) => r?,
+        Err(e) => tracing::error!("final flush task failed: {e}"),
+    }
+    Ok(())
+}
+
+/// One TCP connection: HTTP/1.1 until it upgrades (the socket then lives
+/// in `ws::serve`) or closes.
+async fn connection(stream: TcpStream, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let _ = stream.set_nodelay(true);
+    let timeout = shared.config.handshake_timeout;
+    let svc_shared = shared.clone();
+    let service = service_fn(move |req| {
+        let shared = svc_shared.clone();
+        async move { Ok::<_, std::convert::Infallible>(crate::http::handle(req, shared).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeout)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    // Boxed: the HTTP phase's large state is freed when it ends, so an
+    // upgraded socket's task does not carry it.
+    let mut conn = Box::pin(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!("http connection error: {e}");
+            }
+        }
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
+        }
+    }
+}

@@ -1,0 +1,439 @@
+//! The embedded backend: one sled tree, keys named for what they map, ids
+//! big-endian so key order is id order and every page is a range scan.
+//!
+//! | key | value |
+//! | --- | --- |
+//! | `k` | [`Counters`], 4 × u64 |
+//! | `c` conv | [`Conversation`] |
+//! | `p` conv user | participant marker |
+//! | `u` user 0 conv | the user's conversations |
+//! | `m` conv msg | [`Message`] (current state) |
+//! | `e` conv seq | event log entry: kind, message id, frame payload |
+//! | `n` user 0 id | [`Notification`] |
+//! | `r` user 0 id | unread marker |
+//! | `o` id | the notification's owner |
+//!
+//! One tree, so that each [`Change`] is a single atomic `apply_batch`.
+//! Usernames never contain a 0 byte (see `auth::valid_username`).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+
+use super::*;
+
+const COUNTERS: &[u8] = b"k";
+const CONVERSATION: u8 = b'c';
+const PARTICIPANT: u8 = b'p';
+const USER_CONVERSATION: u8 = b'u';
+const MESSAGE: u8 = b'm';
+const EVENT: u8 = b'e';
+const NOTIFICATION: u8 = b'n';
+const UNREAD: u8 = b'r';
+const OWNER: u8 = b'o';
+
+pub struct SledStore {
+    db: sled::Db,
+    tree: sled::Tree,
+    healthy: AtomicBool,
+}
+
+fn io(e: sled::Error) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+fn key(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + parts.iter().map(|p| p.len()).sum::<usize>());
+    k.push(prefix);
+    for p in parts {
+        k.extend_from_slice(p);
+    }
+    k
+}
+
+fn id_key(prefix: u8, a: u64, b: u64) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = prefix;
+    k[1..9].copy_from_slice(&a.to_be_bytes());
+    k[9..].copy_from_slice(&b.to_be_bytes());
+    k
+}
+
+fn user_key(prefix: u8, user: &str, id: u64) -> Vec<u8> {
+    key(prefix, &[user.as_bytes(), &[0], &id.to_be_bytes()])
+}
+
+fn tail_id(k: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&k[k.len() - 8..]);
+    u64::from_be_bytes(b)
+}
+
+fn decode<T: DeserializeOwned>(v: &[u8]) -> Result<T> {
+    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("records serialize")
+}
+
+fn event_value(kind: EventKind, message: u64, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(9 + payload.len());
+    v.push(match kind {
+        EventKind::Created => b'c',
+        EventKind::Edited => b'e',
+        EventKind::Deleted => b'd',
+    });
+    v.extend_from_slice(&message.to_be_bytes());
+    v.extend_from_slice(payload);
+    v
+}
+
+fn event_from(k: &[u8], v: sled::IVec) -> Result<LoggedEvent> {
+    if v.len() < 9 {
+        return Err(StoreError::Corrupt("short event".into()));
+    }
+    let kind = match v[0] {
+        b'c' => EventKind::Created,
+        b'e' => EventKind::Edited,
+        b'd' => EventKind::Deleted,
+        _ => return Err(StoreError::Corrupt("unknown event kind".into())),
+    };
+    let message = tail_id(&v[..9]);
+    Ok(LoggedEvent {
+        seq: tail_id(k),
+        kind,
+        message,
+        payload: Bytes::copy_from_slice(&v[9..]),
+    })
+}
+
+impl SledStore {
+    /// Opens (or creates) the store. `flush_every` is sled's own background
+    /// flush period: `None` in `sync` mode, where the sequencer flushes.
+    pub fn open(dir: &std::path::Path, flush_every_ms: Option<u64>) -> Result<SledStore> {
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .flush_every_ms(flush_every_ms)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock || io.raw_os_error() == Some(11) => {
+                    StoreError::Open(format!(
+                        "{} is in use by another parley (or another process): {e}",
+                        dir.display()
+                    ))
+                }
+                e => StoreError::Open(format!("cannot open the store in {}: {e}", dir.display())),
+            })?;
+        let tree = db.open_tree("parley").map_err(io)?;
+        Ok(SledStore {
+            db,
+            tree,
+            healthy: AtomicBool::new(true),
+        })
+    }
+
+    fn get<T: DeserializeOwned>(&self, k: &[u8]) -> Result<Option<T>> {
+        match self.tree.get(k).map_err(io)? {
+            Some(v) => decode(&v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn track<T>(&self, r: std::result::Result<T, sled::Error>) -> Result<T> {
+        self.healthy.store(r.is_ok(), Ordering::Relaxed);
+        r.map_err(io)
+    }
+}
+
+impl Store for SledStore {
+    fn counters(&self) -> Result<Counters> {
+        Ok(match self.tree.get(COUNTERS).map_err(io)? {
+            Some(v) if v.len() == 32 => Counters {
+                conversation: tail_id(&v[..8]),
+                message: tail_id(&v[..16]),
+                notification: tail_id(&v[..24]),
+                event: tail_id(&v[..32]),
+            },
+            Some(_) => return Err(StoreError::Corrupt("counters".into())),
+            None => Counters::default(),
+        })
+    }
+
+    fn conversation(&self, id: u64) -> Result<Option<Conversation>> {
+        self.get(&id_key(CONVERSATION, id, 0)[..9])
+    }
+
+    fn conversation_exists(&self, id: u64) -> Result<bool> {
+        self.tree.contains_key(&id_key(CONVERSATION, id, 0)[..9]).map_err(io)
+    }
+
+    fn is_participant(&self, conversation: u64, user: &str) -> Result<bool> {
+        let k = key(PARTICIPANT, &[&conversation.to_be_bytes(), user.as_bytes()]);
+        self.tree.contains_key(k).map_err(io)
+    }
+
+    fn conversations_of(&self, user: &str) -> Result<Vec<Conversation>> {
+        let prefix = key(USER_CONVERSATION, &[user.as_bytes(), &[0]]);
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix(&prefix) {
+            let (k, _) = kv.map_err(io)?;
+            if let Some(c) = self.conversation(tail_id(&k))? {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+
+    fn message(&self, conversation: u64, id: u64) -> Result<Option<Message>> {
+        self.get(&id_key(MESSAGE, conversation, id))
+    }
+
+    fn history(&self, conversation: u64, before: Option<u64>, limit: usize) -> Result<Page<Message>> {
+        let start = id_key(MESSAGE, conversation, 0);
+        let end = id_key(MESSAGE, conversation, before.unwrap_or(u64::MAX));
+        let mut items = Vec::with_capacity(limit + 1);
+        for kv in self.tree.range(start..end).rev() {
+            let (_, v) = kv.map_err(io)?;
+            let m: Message = decode(&v)?;
+            if m.deleted {
+                continue;
+            }
+            items.push(m);
+            if items.len() > limit {
+                break;
+            }
+        }
+        Ok(page(items, limit, |m| m.id))
+    }
+
+    fn events_after(&self, conversation: u64, after_seq: u64, max: usize) -> Result<Replay<LoggedEvent>> {
+        let start = id_key(EVENT, conversation, after_seq.saturating_add(1));
+        let end = id_key(EVENT, conversation, u64::MAX);
+        let mut newest_first = Vec::with_capacity(max.min(1024) + 1);
+        let mut truncated_after = None;
+        let mut range = self.tree.range(start..end).rev();
+        for kv in range.by_ref() {
+            let (k, v) = kv.map_err(io)?;
+            if newest_first.len() == max {
+                // More were missed than the bound: name the newest message
+                // created before the replay (0 when there is none).
+                let mut e = event_from(&k, v)?;
+                loop {
+                    if e.kind == EventKind::Created {
+                        truncated_after = Some(e.message);
+                        break;
+                    }
+                    match range.next() {
+                        Some(kv) => {
+                            let (k, v) = kv.map_err(io)?;
+                            e = event_from(&k, v)?;
+                        }
+                        None => {
+                            truncated_after = Some(self.message_created_at_or_before(conversation, after_seq)?);
+                            break;
+                        }
+                    }
+                }
+                break;
+            }
+            newest_first.push(event_from(&k, v)?);
+        }
+        newest_first.reverse();
+        Ok(Replay {
+            truncated_after,
+            items: newest_first,
+        })
+    }
+
+    fn notification(&self, id: u64) -> Result<Option<Notification>> {
+        let Some(owner) = self.tree.get(&id_key(OWNER, id, 0)[..9]).map_err(io)? else {
+            return Ok(None);
+        };
+        let owner = std::str::from_utf8(&owner).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.get(&user_key(NOTIFICATION, owner, id))
+    }
+
+    fn notifications(
+        &self,
+        user: &str,
+        unread_only: bool,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Page<Notification>> {
+        let prefix = if unread_only { UNREAD } else { NOTIFICATION };
+        let start = user_key(prefix, user, 0);
+        let end = user_key(prefix, user, before.unwrap_or(u64::MAX));
+        let mut items = Vec::with_capacity(limit + 1);
+        for kv in self.tree.range(start..end).rev().take(limit + 1) {
+            let (k, v) = kv.map_err(io)?;
+            let n = if unread_only {
+                self.get(&user_key(NOTIFICATION, user, tail_id(&k)))?
+                    .ok_or_else(|| StoreError::Corrupt("unread marker without notification".into()))?
+            } else {
+                decode(&v)?
+            };
+            items.push(n);
+        }
+        Ok(page(items, limit, |n| n.id))
+    }
+
+    fn unread(&self, user: &str) -> Result<Vec<u64>> {
+        let prefix = key(UNREAD, &[user.as_bytes(), &[0]]);
+        self.tree
+            .scan_prefix(prefix)
+            .keys()
+            .map(|k| k.map(|k| tail_id(&k)).map_err(io))
+            .collect()
+    }
+
+    fn notifications_after(&self, user: &str, after: u64, max: usize) -> Result<Replay<Notification>> {
+        let start = user_key(NOTIFICATION, user, after.saturating_add(1));
+        let end = user_key(NOTIFICATION, user, u64::MAX);
+        let mut newest_first: Vec<Notification> = Vec::new();
+        let mut truncated_after = None;
+        for kv in self.tree.range(start..end).rev() {
+            let (k, v) = kv.map_err(io)?;
+            if newest_first.len() == max {
+                truncated_after = Some(tail_id(&k));
+                break;
+            }
+            newest_first.push(decode(&v)?);
+        }
+        newest_first.reverse();
+        Ok(Replay {
+            truncated_after,
+            items: newest_first,
+        })
+    }
+
+    fn commit(&self, change: Change<'_>, counters: &Counters) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        let mut c = [0u8; 32];
+        c[..8].copy_from_slice(&counters.conversation.to_be_bytes());
+        c[8..16].copy_from_slice(&counters.message.to_be_bytes());
+        c[16..24].copy_from_slice(&counters.notification.to_be_bytes());
+        c[24..].copy_from_slice(&counters.event.to_be_bytes());
+        batch.insert(COUNTERS, &c[..]);
+        match change {
+            Change::Conversation(conv) => {
+                batch.insert(&id_key(CONVERSATION, conv.id, 0)[..9], encode(conv));
+                for user in &conv.participants {
+                    batch.insert(key(PARTICIPANT, &[&conv.id.to_be_bytes(), user.as_bytes()]), &[][..]);
+                    batch.insert(user_key(USER_CONVERSATION, user, conv.id), &[][..]);
+                }
+            }
+            Change::Chat {
+                message,
+                kind,
+                seq,
+                payload,
+                notifications,
+            } => {
+                batch.insert(&id_key(MESSAGE, message.conversation, message.id)[..], encode(message));
+                batch.insert(
+                    &id_key(EVENT, message.conversation, seq)[..],
+                    event_value(kind, message.id, payload),
+                );
+                put_notifications(&mut batch, notifications);
+            }
+            Change::Notifications(ns) => put_notifications(&mut batch, ns),
+        }
+        let r = self.tree.apply_batch(batch);
+        self.track(r)
+    }
+
+    fn sync(&self) -> Result<()> {
+        let r = self.db.flush().map(|_| ());
+        self.track(r)
+    }
+
+    fn writable(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+}
+
+impl SledStore {
+    /// The newest message created at or before `seq` (0: none), for a
+    /// truncated replay whose window starts right after the resume point.
+    fn message_created_at_or_before(&self, conversation: u64, seq: u64) -> Result<u64> {
+        let start = id_key(EVENT, conversation, 0);
+        let end = id_key(EVENT, conversation, seq.saturating_add(1));
+        for kv in self.tree.range(start..end).rev() {
+            let (k, v) = kv.map_err(io)?;
+            let e = event_from(&k, v)?;
+            if e.kind == EventKind::Created {
+                return Ok(e.message);
+            }
+        }
+        Ok(0)
+    }
+}
+
+fn put_notifications(batch: &mut sled::Batch, ns: &[Notification]) {
+    for n in ns {
+        batch.insert(user_key(NOTIFICATION, &n.user, n.id), encode(n));
+        batch.insert(&id_key(OWNER, n.id, 0)[..9], n.user.as_bytes());
+        let unread = user_key(UNREAD, &n.user, n.id);
+        if n.is_read {
+            batch.remove(unread);
+        } else {
+            batch.insert(unread, &[][..]);
+        }
+    }
+}
+
+/// Cuts a newest-first scan of up to `limit + 1` items into a page.
+fn page<T>(mut items: Vec<T>, limit: usize, id: impl Fn(&T) -> u64) -> Page<T> {
+    let next = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(&id)
+    } else {
+        None
+    };
+    Page { items, next }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(conv: u64, id: u64, deleted: bool) -> Message {
+        Message {
+            id,
+            conversation: conv,
+            sender: "a".into(),
+            content: format!("m{id}"),
+            timestamp: Micros(id),
+            edited: false,
+            deleted,
+            seq: id,
+        }
+    }
+
+    #[test]
+    fn history_pages_skip_deleted_and_stop_at_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path(), None).unwrap();
+        let c = Counters::default();
+        for id in 1..=7 {
+            let m = msg(1, id, id == 3);
+            let change = Change::Chat { message: &m, kind: EventKind::Created, seq: id, payload: b"{}", notifications: &[] };
+            s.commit(change, &c).unwrap();
+        }
+        let other = msg(2, 8, false);
+        let change = Change::Chat { message: &other, kind: EventKind::Created, seq: 8, payload: b"{}", notifications: &[] };
+        s.commit(change, &c).unwrap();
+        let p = s.history(1, None, 3).unwrap();
+        assert_eq!(p.items.iter().map(|m| m.id).collect::<Vec<_>>(), [7, 6, 5]);
+        assert_eq!(p.next, Some(5));
+        let p = s.history(1, Some(5), 3).unwrap();
+        assert_eq!(p.items.iter().map(|m| m.id).collect::<Vec<_>>(), [4, 2, 1]);
+        assert_eq!(p.next, None);
+        let r = s.events_after(1, 2, 3).unwrap();
+        assert_eq!(r.items.iter().map(|e| e.seq).collect::<Vec<_>>(), [5, 6, 7]);
+        assert_eq!(r.truncated_after, Some(4));
+    }
+}
