@@ -184,12 +184,50 @@ mod tests {
 
     #[test]
     fn token_sources_in_order() {
-        let cases: &[(&[(&str, &str)], Option<&str>, bool, Option<&str>, bool)] = &[
-            (&[("authorization", "Bearer a")], Some("token=c"), true, Some("a"), false),
+        // headers, query, socket?, token found, bearer offered
+        type Case<'a> = (
+            &'a [(&'a str, &'a str)],
+            Option<&'a str>,
+            bool,
+            Option<&'a str>,
+            bool,
+        );
+        let cases: &[Case] = &[
+            (
+                &[("authorization", "Bearer a")],
+                Some("token=c"),
+                true,
+                Some("a"),
+                false,
+            ),
             (&[("authorization", "bEaReR a")], None, true, Some("a"), false),
-            (&[("authorization", "Basic x"), ("sec-websocket-protocol", "bearer, b")], Some("token=c"), true, Some("b"), true),
-            (&[("authorization", "Bearer a"), ("sec-websocket-protocol", "bearer")], None, true, Some("a"), true),
-            (&[("sec-websocket-protocol", "bearer, b")], None, false, None, false),
+            (
+                &[
+                    ("authorization", "Basic x"),
+                    ("sec-websocket-protocol", "bearer, b"),
+                ],
+                Some("token=c"),
+                true,
+                Some("b"),
+                true,
+            ),
+            (
+                &[
+                    ("authorization", "Bearer a"),
+                    ("sec-websocket-protocol", "bearer"),
+                ],
+                None,
+                true,
+                Some("a"),
+                true,
+            ),
+            (
+                &[("sec-websocket-protocol", "bearer, b")],
+                None,
+                false,
+                None,
+                false,
+            ),
             (&[], Some("x=1&token=c"), true, Some("c"), false),
             (&[], None, true, None, false),
         ];

@@ -36,7 +36,12 @@ pub struct SecretArgs {
     #[arg(long, env = "PARLEY_DATA_DIR", default_value = "parley-data")]
     pub data_dir: PathBuf,
     /// HS256 secret. Default: a random secret generated in the data dir on first start.
-    #[arg(long, env = "PARLEY_JWT_SECRET", hide_env_values = true, conflicts_with = "jwt_secret_file")]
+    #[arg(
+        long,
+        env = "PARLEY_JWT_SECRET",
+        hide_env_values = true,
+        conflicts_with = "jwt_secret_file"
+    )]
     pub jwt_secret: Option<String>,
     /// File holding the HS256 secret.
     #[arg(long, env = "PARLEY_JWT_SECRET_FILE")]
@@ -193,16 +198,20 @@ impl Config {
         };
         let (key, secret) = if algorithm == Algorithm::HS256 {
             if a.jwt_public_key.is_some() {
-                return Err(bad("--jwt-public-key needs --jwt-algorithm RS256, ES256 or EdDSA"));
+                return Err(bad(
+                    "--jwt-public-key needs --jwt-algorithm RS256, ES256 or EdDSA",
+                ));
             }
             let secret = resolve_secret(&a.secret, true)?;
             (jsonwebtoken::DecodingKey::from_secret(&secret), Some(secret))
         } else {
             let path = a.jwt_public_key.as_ref().ok_or_else(|| {
-                bad(format!("--jwt-algorithm {algorithm:?} needs --jwt-public-key <pem>"))
+                bad(format!(
+                    "--jwt-algorithm {algorithm:?} needs --jwt-public-key <pem>"
+                ))
             })?;
-            let pem = std::fs::read(path)
-                .map_err(|e| bad(format!("--jwt-public-key {}: {e}", path.display())))?;
+            let pem =
+                std::fs::read(path).map_err(|e| bad(format!("--jwt-public-key {}: {e}", path.display())))?;
             let key = match algorithm {
                 Algorithm::RS256 => jsonwebtoken::DecodingKey::from_rsa_pem(&pem),
                 Algorithm::ES256 => jsonwebtoken::DecodingKey::from_ec_pem(&pem),

@@ -187,7 +187,10 @@ impl Hub {
     }
 
     pub fn listen(&self, outbox: &Arc<Outbox>) {
-        self.inboxes.entry(outbox.user.clone()).or_default().push(outbox.clone());
+        self.inboxes
+            .entry(outbox.user.clone())
+            .or_default()
+            .push(outbox.clone());
     }
 
     pub fn unlisten(&self, outbox: &Arc<Outbox>) {
@@ -214,7 +217,12 @@ impl Hub {
 
     /// The participants other than `sender` with no chat socket open on the
     /// conversation: who gets a notification for a new message.
-    pub fn absent(&self, conversation: u64, participants: &[Arc<str>], sender: &str) -> SmallVec<[Arc<str>; 4]> {
+    pub fn absent(
+        &self,
+        conversation: u64,
+        participants: &[Arc<str>],
+        sender: &str,
+    ) -> SmallVec<[Arc<str>; 4]> {
         let room = self.rooms.get(&conversation);
         participants
             .iter()

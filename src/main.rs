@@ -13,7 +13,8 @@ fn main() {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PARLEY_LOG").unwrap_or_else(|_| "parley=info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("PARLEY_LOG")
+                .unwrap_or_else(|_| "parley=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -26,12 +27,18 @@ fn main() {
 
 fn token(t: config::TokenArgs) -> i32 {
     if !parley::auth::valid_username(&t.username) {
-        eprintln!("parley: '{}' is not a valid username (1-150 of A-Z a-z 0-9 _ . @ + -)", t.username);
+        eprintln!(
+            "parley: '{}' is not a valid username (1-150 of A-Z a-z 0-9 _ . @ + -)",
+            t.username
+        );
         return 2;
     }
     match config::resolve_secret(&t.secret, true) {
         Ok(secret) => {
-            println!("{}", parley::auth::issue_hs256(&secret, &t.username, t.service, t.ttl.as_secs()));
+            println!(
+                "{}",
+                parley::auth::issue_hs256(&secret, &t.username, t.service, t.ttl.as_secs())
+            );
             0
         }
         Err(e) => {

@@ -60,9 +60,21 @@ impl Metrics {
         registry.register("writes", "Writes accepted and stored", writes.clone());
         registry.register("deliveries", "Event frames queued to sockets", deliveries.clone());
         registry.register("error_frames", "Error frames sent, by code", errors.clone());
-        registry.register("refused_upgrades", "Upgrades refused, by HTTP status", refused.clone());
-        registry.register("slow_consumers", "Sockets closed for not reading", slow_consumers.clone());
-        registry.register("store_flush_seconds", "Time per store flush", flush_seconds.clone());
+        registry.register(
+            "refused_upgrades",
+            "Upgrades refused, by HTTP status",
+            refused.clone(),
+        );
+        registry.register(
+            "slow_consumers",
+            "Sockets closed for not reading",
+            slow_consumers.clone(),
+        );
+        registry.register(
+            "store_flush_seconds",
+            "Time per store flush",
+            flush_seconds.clone(),
+        );
         registry.register("store_group_size", "Writes per store flush", group_size.clone());
         Metrics {
             registry,

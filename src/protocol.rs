@@ -140,7 +140,10 @@ pub const UNAVAILABLE: Rejection = reject(
 );
 pub const BINARY: Rejection = reject(ErrorCode::InvalidJson, "binary frames are not JSON text");
 
-fn text_field<'a>(obj: &simd_json::borrowed::Object<'a>, name: &'static str) -> Result<Cow<'a, str>, Rejection> {
+fn text_field<'a>(
+    obj: &simd_json::borrowed::Object<'a>,
+    name: &'static str,
+) -> Result<Cow<'a, str>, Rejection> {
     match obj.get(name) {
         // A borrowed parse yields `Cow::Borrowed`: the clone copies no text.
         Some(BorrowedValue::String(s)) if !s.trim().is_empty() => Ok(s.clone()),
@@ -297,15 +300,23 @@ mod tests {
 
     fn parse(s: &str) -> Result<String, ErrorCode> {
         let mut b = s.as_bytes().to_vec();
-        parse_command(&mut b, 10).map(|c| format!("{c:?}")).map_err(|r| r.code)
+        parse_command(&mut b, 10)
+            .map(|c| format!("{c:?}"))
+            .map_err(|r| r.code)
     }
 
     #[test]
     fn part_c_check_order() {
         use ErrorCode::*;
         let cases: &[(&str, Result<&str, ErrorCode>)] = &[
-            (r#"{"type":"chat_message","message":"hi"}"#, Ok(r#"Send { text: "hi" }"#)),
-            (r#"{"type":"chat_message","message":"a\u0000\n"}"#, Ok("Send { text: \"a\\0\\n\" }")),
+            (
+                r#"{"type":"chat_message","message":"hi"}"#,
+                Ok(r#"Send { text: "hi" }"#),
+            ),
+            (
+                r#"{"type":"chat_message","message":"a\u0000\n"}"#,
+                Ok("Send { text: \"a\\0\\n\" }"),
+            ),
             (r#"[1,2]"#, Err(InvalidJson)),
             (r#""x""#, Err(InvalidJson)),
             (r#"42"#, Err(InvalidJson)),
@@ -316,29 +327,72 @@ mod tests {
             (r#"{"type":1}"#, Err(InvalidField)),
             (r#"{"type":"CHAT_MESSAGE","message":"hi"}"#, Err(UnknownType)),
             (r#"{"type":"chat_message"}"#, Err(InvalidField)),
-            (r#"{"type":"chat_message","message":" \u3000\t "}"#, Err(InvalidField)),
+            (
+                r#"{"type":"chat_message","message":" \u3000\t "}"#,
+                Err(InvalidField),
+            ),
             (r#"{"type":"chat_message","message":5}"#, Err(InvalidField)),
-            (r#"{"type":"chat_message","message":"01234567890"}"#, Err(TooLarge)),
-            (r#"{"type":"chat_message","message":"😀😀😀😀😀😀😀😀😀😀"}"#, Ok("Send { text: \"😀😀😀😀😀😀😀😀😀😀\" }")),
-            (r#"{"type":"edit_message","message_id":"1","content":"x"}"#, Err(InvalidField)),
-            (r#"{"type":"edit_message","message_id":0,"content":"01234567890"}"#, Err(TooLarge)),
-            (r#"{"type":"edit_message","message_id":0,"content":"x"}"#, Err(NotFound)),
-            (r#"{"type":"edit_message","message_id":-3,"content":"x"}"#, Err(NotFound)),
-            (r#"{"type":"edit_message","message_id":1.5,"content":"x"}"#, Err(NotFound)),
-            (r#"{"type":"delete_message","message_id":99999999999999999999999}"#, Err(NotFound)),
-            (r#"{"type":"delete_message","message_id":7}"#, Ok("Delete { id: Some(7) }")),
+            (
+                r#"{"type":"chat_message","message":"01234567890"}"#,
+                Err(TooLarge),
+            ),
+            (
+                r#"{"type":"chat_message","message":"😀😀😀😀😀😀😀😀😀😀"}"#,
+                Ok("Send { text: \"😀😀😀😀😀😀😀😀😀😀\" }"),
+            ),
+            (
+                r#"{"type":"edit_message","message_id":"1","content":"x"}"#,
+                Err(InvalidField),
+            ),
+            (
+                r#"{"type":"edit_message","message_id":0,"content":"01234567890"}"#,
+                Err(TooLarge),
+            ),
+            (
+                r#"{"type":"edit_message","message_id":0,"content":"x"}"#,
+                Err(NotFound),
+            ),
+            (
+                r#"{"type":"edit_message","message_id":-3,"content":"x"}"#,
+                Err(NotFound),
+            ),
+            (
+                r#"{"type":"edit_message","message_id":1.5,"content":"x"}"#,
+                Err(NotFound),
+            ),
+            (
+                r#"{"type":"delete_message","message_id":99999999999999999999999}"#,
+                Err(NotFound),
+            ),
+            (
+                r#"{"type":"delete_message","message_id":7}"#,
+                Ok("Delete { id: Some(7) }"),
+            ),
             (r#"{"type":"delete_message"}"#, Err(InvalidField)),
-            (r#"{"type":"delete_message","message_id":null}"#, Err(InvalidField)),
+            (
+                r#"{"type":"delete_message","message_id":null}"#,
+                Err(InvalidField),
+            ),
         ];
         for (input, want) in cases {
-            assert_eq!(parse(input).as_deref().map_err(|e| *e), want.map(|s| s), "{input}");
+            assert_eq!(
+                parse(input).as_deref().map_err(|e| *e),
+                want.map(|s| s),
+                "{input}"
+            );
         }
     }
 
     #[test]
     fn part_a_shapes() {
         let mut out = Vec::new();
-        let m = MessageView { id: 1, sender: "a", content: "x", timestamp: Micros(0), edited: None };
+        let m = MessageView {
+            id: 1,
+            sender: "a",
+            content: "x",
+            timestamp: Micros(0),
+            edited: None,
+        };
         encode_chat_event(&mut out, &ChatEvent::Created(m));
         assert_eq!(
             std::str::from_utf8(&out).unwrap(),
@@ -346,7 +400,10 @@ mod tests {
         );
         out.clear();
         encode_chat_event(&mut out, &ChatEvent::Edited { id: 2, content: "y" });
-        assert_eq!(out, br#"{"type":"message.edited","message":{"id":2,"content":"y"}}"#);
+        assert_eq!(
+            out,
+            br#"{"type":"message.edited","message":{"id":2,"content":"y"}}"#
+        );
         out.clear();
         encode_chat_event(&mut out, &ChatEvent::Deleted { id: 3 });
         assert_eq!(out, br#"{"type":"message.deleted","message_id":3}"#);

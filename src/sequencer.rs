@@ -55,6 +55,9 @@ pub enum ChatOp {
 
 type Reply<T> = oneshot::Sender<Result<T, WriteError>>;
 
+/// A reply waiting for its group's flush; told the flush error, if any.
+type Answer = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+
 pub enum Request {
     Chat {
         conversation: u64,
@@ -174,7 +177,7 @@ struct Outgoing {
     users: Vec<(Arc<str>, BytesMut)>,
     rejections: Vec<(Arc<Outbox>, Rejection)>,
     failed: Vec<Arc<Outbox>>,
-    replies: Vec<Box<dyn FnOnce(Option<&StoreError>) + Send>>,
+    replies: Vec<Answer>,
     resumes: Vec<Resume>,
     writes: usize,
 }
@@ -256,13 +259,15 @@ impl Writer {
     /// Answers after the group's flush: with the result if it held, with
     /// `Unavailable` if the flush failed.
     fn answer<T: Send + 'static>(&mut self, reply: Reply<T>, r: Result<T, WriteError>) {
-        self.out.replies.push(Box::new(move |flush_err: Option<&StoreError>| {
-            let r = match (r, flush_err) {
-                (Ok(_), Some(e)) => Err(WriteError::Unavailable(StoreError::Io(e.to_string()))),
-                (r, _) => r,
-            };
-            let _ = reply.send(r);
-        }));
+        self.out
+            .replies
+            .push(Box::new(move |flush_err: Option<&StoreError>| {
+                let r = match (r, flush_err) {
+                    (Ok(_), Some(e)) => Err(WriteError::Unavailable(StoreError::Io(e.to_string()))),
+                    (r, _) => r,
+                };
+                let _ = reply.send(r);
+            }));
     }
 
     fn commit(&mut self, change: Change<'_>, next: Counters) -> Result<(), StoreError> {
@@ -488,7 +493,9 @@ impl Writer {
                 tracing::error!("store flush failed: {e}");
                 flush_err = Some(e);
             }
-            self.metrics.flush_seconds.observe(started.elapsed().as_secs_f64());
+            self.metrics
+                .flush_seconds
+                .observe(started.elapsed().as_secs_f64());
             self.metrics.group_size.observe(out.writes as f64);
         }
         if flush_err.is_none() {
@@ -543,39 +550,45 @@ impl Writer {
                 outbox,
                 reply,
             } => {
-                let r = self.store.events_after(conversation, after_seq, self.max_replay).map(|replay| {
-                    if let Some(after) = replay.truncated_after {
-                        self.scratch.clear();
-                        protocol::encode_truncated(&mut self.scratch, after);
-                        frame::put_frame(&mut frames, OpCode::Text, &self.scratch);
-                    }
-                    for e in &replay.items {
-                        frame::put_frame(&mut frames, OpCode::Text, &e.payload);
-                    }
-                    if !frames.is_empty() {
-                        outbox.push_unbounded(frames.freeze());
-                    }
-                    self.hub.join(conversation, &outbox);
-                });
+                let r = self
+                    .store
+                    .events_after(conversation, after_seq, self.max_replay)
+                    .map(|replay| {
+                        if let Some(after) = replay.truncated_after {
+                            self.scratch.clear();
+                            protocol::encode_truncated(&mut self.scratch, after);
+                            frame::put_frame(&mut frames, OpCode::Text, &self.scratch);
+                        }
+                        for e in &replay.items {
+                            frame::put_frame(&mut frames, OpCode::Text, &e.payload);
+                        }
+                        if !frames.is_empty() {
+                            outbox.push_unbounded(frames.freeze());
+                        }
+                        self.hub.join(conversation, &outbox);
+                    });
                 (r, reply)
             }
             Resume::Notifications { after, outbox, reply } => {
-                let r = self.store.notifications_after(&outbox.user, after, self.max_replay).map(|replay| {
-                    if let Some(after) = replay.truncated_after {
-                        self.scratch.clear();
-                        protocol::encode_truncated(&mut self.scratch, after);
-                        frame::put_frame(&mut frames, OpCode::Text, &self.scratch);
-                    }
-                    for n in &replay.items {
-                        self.scratch.clear();
-                        protocol::encode_notification(&mut self.scratch, &notification_view(n));
-                        frame::put_frame(&mut frames, OpCode::Text, &self.scratch);
-                    }
-                    if !frames.is_empty() {
-                        outbox.push_unbounded(frames.freeze());
-                    }
-                    self.hub.listen(&outbox);
-                });
+                let r = self
+                    .store
+                    .notifications_after(&outbox.user, after, self.max_replay)
+                    .map(|replay| {
+                        if let Some(after) = replay.truncated_after {
+                            self.scratch.clear();
+                            protocol::encode_truncated(&mut self.scratch, after);
+                            frame::put_frame(&mut frames, OpCode::Text, &self.scratch);
+                        }
+                        for n in &replay.items {
+                            self.scratch.clear();
+                            protocol::encode_notification(&mut self.scratch, &notification_view(n));
+                            frame::put_frame(&mut frames, OpCode::Text, &self.scratch);
+                        }
+                        if !frames.is_empty() {
+                            outbox.push_unbounded(frames.freeze());
+                        }
+                        self.hub.listen(&outbox);
+                    });
                 (r, reply)
             }
         };

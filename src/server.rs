@@ -63,7 +63,11 @@ pub fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
 
 /// Serves until `shutdown` is cancelled, then closes every socket with 1001,
 /// flushes the store and returns.
-pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationToken) -> Result<(), ServerError> {
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
     let store = open_store(&config)?;
     let hub = Arc::new(Hub::new());
     let metrics = Arc::new(Metrics::new());
@@ -106,7 +110,10 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
     drop(listener);
     tracker.close();
     hub.close_all(GOING_AWAY);
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; exiting anyway");
     }
     // Dropping the last sequencer handle ends the writer after a final flush.

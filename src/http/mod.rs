@@ -73,7 +73,8 @@ impl ApiError {
             },
         );
         if self.status == StatusCode::UNAUTHORIZED {
-            r.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            r.headers_mut()
+                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         r
     }
@@ -143,7 +144,11 @@ pub fn route(path: &str) -> Route {
     let mut parts = path.split('/').skip(1);
     let segs: [Option<&str>; 5] = std::array::from_fn(|_| parts.next());
     if parts.next().is_some() {
-        return if segs[0] == Some("ws") { Route::UnknownSocket } else { Route::NotFound };
+        return if segs[0] == Some("ws") {
+            Route::UnknownSocket
+        } else {
+            Route::NotFound
+        };
     }
     match segs {
         [Some("ws"), Some("chat"), Some(id), None, None] => Route::Chat(parse_id(id)),
@@ -151,7 +156,9 @@ pub fn route(path: &str) -> Route {
         [Some("ws"), ..] => Route::UnknownSocket,
         [Some("api"), Some("conversations"), None, None, None] => Route::Conversations,
         [Some("api"), Some("conversations"), Some(id), None, None] => Route::Conversation(parse_id(id)),
-        [Some("api"), Some("conversations"), Some(id), Some("messages"), None] => Route::Messages(parse_id(id)),
+        [Some("api"), Some("conversations"), Some(id), Some("messages"), None] => {
+            Route::Messages(parse_id(id))
+        }
         [Some("api"), Some("notifications"), None, None, None] => Route::NotificationList,
         [Some("api"), Some("notifications"), Some("unread_count"), None, None] => Route::UnreadCount,
         [Some("api"), Some("notifications"), Some("read_all"), None, None] => Route::ReadAll,
@@ -176,7 +183,9 @@ fn allowed(route: Route) -> &'static [Method] {
 pub async fn handle(mut req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
     let route = route(req.uri().path());
     let result = match route {
-        Route::Chat(_) | Route::Notifications | Route::UnknownSocket => upgrade::upgrade(&mut req, route, &shared),
+        Route::Chat(_) | Route::Notifications | Route::UnknownSocket => {
+            upgrade::upgrade(&mut req, route, &shared)
+        }
         Route::NotFound => Err(ApiError::not_found("no such endpoint")),
         Route::Healthz => Ok(rest::healthz(&shared)),
         Route::Metrics if shared.config.metrics => Ok(rest::metrics(&shared)),

@@ -28,7 +28,12 @@ pub fn healthz(shared: &Shared) -> Response<Body> {
     if shared.store.writable() {
         json(StatusCode::OK, &H { status: "ok" })
     } else {
-        json(StatusCode::SERVICE_UNAVAILABLE, &H { status: "store not writable" })
+        json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &H {
+                status: "store not writable",
+            },
+        )
     }
 }
 
@@ -95,15 +100,25 @@ pub async fn handle(
                     .iter()
                     .map(|v| match v {
                         Value::String(s) if auth::valid_username(s) => Ok(s.clone()),
-                        _ => Err(ApiError::invalid_field("'participants' must be a list of usernames")),
+                        _ => Err(ApiError::invalid_field(
+                            "'participants' must be a list of usernames",
+                        )),
                     })
                     .collect::<Result<Vec<_>, _>>()?,
-                Some(_) => return Err(ApiError::invalid_field("'participants' must be a list of usernames")),
+                Some(_) => {
+                    return Err(ApiError::invalid_field(
+                        "'participants' must be a list of usernames",
+                    ))
+                }
             };
             let title = match body.get("title") {
                 None | Some(Value::Null) => None,
                 Some(Value::String(s)) if s.chars().count() <= 200 => Some(s.clone()),
-                Some(_) => return Err(ApiError::invalid_field("'title' must be a string of at most 200 characters")),
+                Some(_) => {
+                    return Err(ApiError::invalid_field(
+                        "'title' must be a string of at most 200 characters",
+                    ))
+                }
             };
             let creator = who.user.clone();
             let c = shared
@@ -135,7 +150,13 @@ pub async fn handle(
                     edited: Some(m.edited),
                 })
                 .collect();
-            Ok(json(StatusCode::OK, &Results { results, next: Some(next) }))
+            Ok(json(
+                StatusCode::OK,
+                &Results {
+                    results,
+                    next: Some(next),
+                },
+            ))
         }
         (Route::NotificationList, Method::GET) => {
             let (before, limit) = page_params(query)?;
@@ -146,11 +167,19 @@ pub async fn handle(
             };
             let Page { items, next } = shared.store.notifications(&who.user, unread, before, limit)?;
             let results = items.iter().map(notification_view).collect();
-            Ok(json(StatusCode::OK, &Results { results, next: Some(next) }))
+            Ok(json(
+                StatusCode::OK,
+                &Results {
+                    results,
+                    next: Some(next),
+                },
+            ))
         }
         (Route::NotificationList, _) => {
             if !who.service {
-                return Err(ApiError::forbidden("only a service token may create notifications"));
+                return Err(ApiError::forbidden(
+                    "only a service token may create notifications",
+                ));
             }
             let body = read_json(req, shared.config.max_body_bytes).await?;
             let user = match body.get("user") {
@@ -188,13 +217,19 @@ pub async fn handle(
                 updated: u64,
             }
             let user = who.user.clone();
-            let updated = shared.sequencer.ask(|reply| Write::ReadAll { user, reply }).await?;
+            let updated = shared
+                .sequencer
+                .ask(|reply| Write::ReadAll { user, reply })
+                .await?;
             Ok(json(StatusCode::OK, &Updated { updated }))
         }
         (Route::MarkRead(id), _) => {
             let id = id.ok_or(ApiError::not_found("no such notification"))?;
             let user = who.user.clone();
-            let n = shared.sequencer.ask(|reply| Write::MarkRead { user, id, reply }).await?;
+            let n = shared
+                .sequencer
+                .ask(|reply| Write::MarkRead { user, id, reply })
+                .await?;
             Ok(json(StatusCode::OK, &notification_view(&n)))
         }
         _ => Err(ApiError::not_found("no such endpoint")),
@@ -218,13 +253,17 @@ fn conversation_for(shared: &Shared, id: Option<u64>, who: &Identity) -> Result<
 fn page_params(query: Option<&str>) -> Result<(Option<u64>, usize), ApiError> {
     let before = match auth::query_param(query, "before") {
         None => None,
-        Some(s) => Some(super::parse_id(s).ok_or(ApiError::invalid_field("'before' must be a positive integer"))?),
+        Some(s) => {
+            Some(super::parse_id(s).ok_or(ApiError::invalid_field("'before' must be a positive integer"))?)
+        }
     };
     let limit = match auth::query_param(query, "limit") {
         None => 50,
         Some(s) => super::parse_id(s)
             .filter(|&n| n <= 100)
-            .ok_or(ApiError::invalid_field("'limit' must be an integer from 1 to 100"))? as usize,
+            .ok_or(ApiError::invalid_field(
+                "'limit' must be an integer from 1 to 100",
+            ))? as usize,
     };
     Ok((before, limit))
 }
@@ -232,7 +271,13 @@ fn page_params(query: Option<&str>) -> Result<(Option<u64>, usize), ApiError> {
 /// The body as a JSON object: 413 over the limit, 400 `invalid_json` when
 /// empty, not JSON, or not an object.
 async fn read_json(req: Request<Incoming>, limit: usize) -> Result<serde_json::Map<String, Value>, ApiError> {
-    let too_large = || ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("body over {limit} bytes"));
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("body over {limit} bytes"),
+        )
+    };
     if let Some(len) = req
         .headers()
         .get(hyper::header::CONTENT_LENGTH)

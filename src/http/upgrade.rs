@@ -16,12 +16,22 @@ use crate::auth::{self, AuthError};
 use crate::server::Shared;
 use crate::ws::{self, Session, Topic};
 
-pub fn upgrade(req: &mut Request<Incoming>, route: Route, shared: &Arc<Shared>) -> Result<Response<Body>, ApiError> {
+pub fn upgrade(
+    req: &mut Request<Incoming>,
+    route: Route,
+    shared: &Arc<Shared>,
+) -> Result<Response<Body>, ApiError> {
     let result = check(req, route, shared);
     let (session, offered_bearer) = match result {
         Ok(ok) => ok,
         Err(e) => {
-            shared.metrics.refused.get_or_create(&crate::metrics::Status { status: e.status.as_u16() }).inc();
+            shared
+                .metrics
+                .refused
+                .get_or_create(&crate::metrics::Status {
+                    status: e.status.as_u16(),
+                })
+                .inc();
             return Err(e);
         }
     };
@@ -35,7 +45,11 @@ pub fn upgrade(req: &mut Request<Incoming>, route: Route, shared: &Arc<Shared>) 
     // Count the socket now, so the cap holds even while upgrades are in flight.
     if shared.sockets.fetch_add(1, Ordering::AcqRel) >= shared.config.max_connections {
         shared.sockets.fetch_sub(1, Ordering::AcqRel);
-        shared.metrics.refused.get_or_create(&crate::metrics::Status { status: 503 }).inc();
+        shared
+            .metrics
+            .refused
+            .get_or_create(&crate::metrics::Status { status: 503 })
+            .inc();
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
@@ -50,12 +64,18 @@ pub fn upgrade(req: &mut Request<Incoming>, route: Route, shared: &Arc<Shared>) 
         Ok((response, _unused)) => response,
         Err(e) => {
             shared.sockets.fetch_sub(1, Ordering::AcqRel);
-            return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_handshake", e.to_string()));
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_handshake",
+                e.to_string(),
+            ));
         }
     };
     let (mut parts, _) = response.into_parts();
     if offered_bearer {
-        parts.headers.insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("bearer"));
+        parts
+            .headers
+            .insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("bearer"));
     }
     let shared = shared.clone();
     tokio::spawn(async move {
@@ -87,7 +107,9 @@ pub fn upgrade(req: &mut Request<Incoming>, route: Route, shared: &Arc<Shared>) 
 fn check(req: &Request<Incoming>, route: Route, shared: &Shared) -> Result<(Session, bool), ApiError> {
     let query = req.uri().query();
     let presented = auth::presented(req.headers(), query, true);
-    let token = presented.token.ok_or(ApiError::unauthorized(AuthError::Missing))?;
+    let token = presented
+        .token
+        .ok_or(ApiError::unauthorized(AuthError::Missing))?;
     let who = shared.verifier.verify(token).map_err(ApiError::unauthorized)?;
     let after_raw = auth::query_param(query, "after");
     let bad_after = |detail| ApiError::invalid_field(detail);

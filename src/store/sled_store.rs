@@ -119,7 +119,9 @@ impl SledStore {
             .mode(sled::Mode::HighThroughput)
             .open()
             .map_err(|e| match e {
-                sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock || io.raw_os_error() == Some(11) => {
+                sled::Error::Io(ref io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock || io.raw_os_error() == Some(11) =>
+                {
                     StoreError::Open(format!(
                         "{} is in use by another parley (or another process): {e}",
                         dir.display()
@@ -167,7 +169,9 @@ impl Store for SledStore {
     }
 
     fn conversation_exists(&self, id: u64) -> Result<bool> {
-        self.tree.contains_key(&id_key(CONVERSATION, id, 0)[..9]).map_err(io)
+        self.tree
+            .contains_key(&id_key(CONVERSATION, id, 0)[..9])
+            .map_err(io)
     }
 
     fn is_participant(&self, conversation: u64, user: &str) -> Result<bool> {
@@ -232,7 +236,8 @@ impl Store for SledStore {
                             e = event_from(&k, v)?;
                         }
                         None => {
-                            truncated_after = Some(self.message_created_at_or_before(conversation, after_seq)?);
+                            truncated_after =
+                                Some(self.message_created_at_or_before(conversation, after_seq)?);
                             break;
                         }
                     }
@@ -321,7 +326,10 @@ impl Store for SledStore {
             Change::Conversation(conv) => {
                 batch.insert(&id_key(CONVERSATION, conv.id, 0)[..9], encode(conv));
                 for user in &conv.participants {
-                    batch.insert(key(PARTICIPANT, &[&conv.id.to_be_bytes(), user.as_bytes()]), &[][..]);
+                    batch.insert(
+                        key(PARTICIPANT, &[&conv.id.to_be_bytes(), user.as_bytes()]),
+                        &[][..],
+                    );
                     batch.insert(user_key(USER_CONVERSATION, user, conv.id), &[][..]);
                 }
             }
@@ -332,7 +340,10 @@ impl Store for SledStore {
                 payload,
                 notifications,
             } => {
-                batch.insert(&id_key(MESSAGE, message.conversation, message.id)[..], encode(message));
+                batch.insert(
+                    &id_key(MESSAGE, message.conversation, message.id)[..],
+                    encode(message),
+                );
                 batch.insert(
                     &id_key(EVENT, message.conversation, seq)[..],
                     event_value(kind, message.id, payload),
@@ -420,11 +431,23 @@ mod tests {
         let c = Counters::default();
         for id in 1..=7 {
             let m = msg(1, id, id == 3);
-            let change = Change::Chat { message: &m, kind: EventKind::Created, seq: id, payload: b"{}", notifications: &[] };
+            let change = Change::Chat {
+                message: &m,
+                kind: EventKind::Created,
+                seq: id,
+                payload: b"{}",
+                notifications: &[],
+            };
             s.commit(change, &c).unwrap();
         }
         let other = msg(2, 8, false);
-        let change = Change::Chat { message: &other, kind: EventKind::Created, seq: 8, payload: b"{}", notifications: &[] };
+        let change = Change::Chat {
+            message: &other,
+            kind: EventKind::Created,
+            seq: 8,
+            payload: b"{}",
+            notifications: &[],
+        };
         s.commit(change, &c).unwrap();
         let p = s.history(1, None, 3).unwrap();
         assert_eq!(p.items.iter().map(|m| m.id).collect::<Vec<_>>(), [7, 6, 5]);

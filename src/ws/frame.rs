@@ -227,17 +227,32 @@ mod tests {
     fn refuses_before_reading_payload() {
         let mut huge = vec![0x81, 0x80 | 127, 0x80, 0, 0, 0, 0, 0, 0, 0];
         let mut needed = 0;
-        assert_eq!(decode(&mut huge, 65536, &mut needed).unwrap_err().code, close::TOO_BIG);
+        assert_eq!(
+            decode(&mut huge, 65536, &mut needed).unwrap_err().code,
+            close::TOO_BIG
+        );
         let mut at_limit = client_frame(0x81, &[b'x'; 16]);
         assert!(decode(&mut at_limit, 16, &mut needed).unwrap().is_some());
         let mut over = client_frame(0x81, &[b'x'; 17]);
-        assert_eq!(decode(&mut over, 16, &mut needed).unwrap_err().code, close::TOO_BIG);
+        assert_eq!(
+            decode(&mut over, 16, &mut needed).unwrap_err().code,
+            close::TOO_BIG
+        );
         let mut unmasked = vec![0x81, 0x00];
-        assert_eq!(decode(&mut unmasked, 16, &mut needed).unwrap_err().code, close::PROTOCOL_ERROR);
+        assert_eq!(
+            decode(&mut unmasked, 16, &mut needed).unwrap_err().code,
+            close::PROTOCOL_ERROR
+        );
         let mut rsv = client_frame(0xC1, b"x");
-        assert_eq!(decode(&mut rsv, 16, &mut needed).unwrap_err().code, close::PROTOCOL_ERROR);
+        assert_eq!(
+            decode(&mut rsv, 16, &mut needed).unwrap_err().code,
+            close::PROTOCOL_ERROR
+        );
         let mut long_ping = client_frame(0x89, &[0; 126]);
-        assert_eq!(decode(&mut long_ping, 1000, &mut needed).unwrap_err().code, close::PROTOCOL_ERROR);
+        assert_eq!(
+            decode(&mut long_ping, 1000, &mut needed).unwrap_err().code,
+            close::PROTOCOL_ERROR
+        );
     }
 
     #[test]

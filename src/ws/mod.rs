@@ -64,8 +64,10 @@ struct Conn {
     fragments: Option<Box<Fragments>>,
     /// Frames taken from the outbox, being written.
     sending: SmallVec<[Bytes; 2]>,
-    /// Our close frame is queued or sent: input is ignored but for a close.
+    /// A close was asked for: input is ignored but for the peer's close.
     closing: bool,
+    /// Our close frame is in `sending` (or written): nothing follows it.
+    close_queued: bool,
     /// The peer sent its close: we end once ours is written.
     peer_closed: bool,
     /// The peer is gone: end now.
@@ -94,6 +96,7 @@ pub async fn serve(stream: TcpStream, early: Vec<u8>, session: Session, shared: 
         fragments: None,
         sending: SmallVec::new(),
         closing: false,
+        close_queued: false,
         peer_closed: false,
         done: false,
         bucket,
@@ -162,7 +165,7 @@ impl Conn {
             if self.done {
                 return Ok(());
             }
-            if self.closing && self.sending.is_empty() {
+            if self.close_queued && self.sending.is_empty() {
                 if self.peer_closed {
                     return Ok(());
                 }
@@ -189,10 +192,15 @@ impl Conn {
     fn flush(&mut self) -> std::io::Result<()> {
         loop {
             if self.sending.is_empty() {
+                if self.close_queued {
+                    // Nothing may follow our close frame.
+                    return Ok(());
+                }
                 let drained = self.outbox.drain();
                 self.sending = drained.frames;
                 if let Some(c) = drained.closing {
-                    if !self.closing {
+                    if !self.close_queued {
+                        self.close_queued = true;
                         self.closing = true;
                         if c == crate::hub::SLOW_CONSUMER {
                             self.shared.metrics.slow_consumers.inc();
@@ -252,7 +260,9 @@ impl Conn {
                         return Ok(true);
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(got > 0 || !self.rbuf.is_empty()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return Ok(got > 0 || !self.rbuf.is_empty())
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -303,7 +313,12 @@ impl Conn {
         self.rbuf.clear();
     }
 
-    async fn on_frame(&mut self, fin: bool, opcode: OpCode, payload: std::ops::Range<usize>) -> Result<(), Violation> {
+    async fn on_frame(
+        &mut self,
+        fin: bool,
+        opcode: OpCode,
+        payload: std::ops::Range<usize>,
+    ) -> Result<(), Violation> {
         if self.closing {
             self.peer_closed |= opcode == OpCode::Close;
             return Ok(());
@@ -316,7 +331,11 @@ impl Conn {
                     _ => close::NORMAL,
                 };
                 // Echo the close, then end once it is written.
-                let code = if (1000..5000).contains(&code) { code } else { close::PROTOCOL_ERROR };
+                let code = if (1000..5000).contains(&code) {
+                    code
+                } else {
+                    close::PROTOCOL_ERROR
+                };
                 self.outbox.close(Closing { code, reason: "" });
                 self.closing = true;
                 self.peer_closed = true;
