@@ -66,11 +66,15 @@ impl Verifier {
             validation.required_spec_claims.insert("exp".into());
         }
         match &cfg.audience {
-            Some(aud) => validation.set_audience(&[aud]),
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                validation.required_spec_claims.insert("aud".into());
+            }
             None => validation.validate_aud = false,
         }
         if let Some(iss) = &cfg.issuer {
             validation.set_issuer(&[iss]);
+            validation.required_spec_claims.insert("iss".into());
         }
         Verifier {
             key: cfg.key.clone(),

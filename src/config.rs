@@ -97,6 +97,12 @@ pub struct ServeArgs {
     /// Time allowed for the HTTP request head, upgrade included (e.g. 10s).
     #[arg(long, env = "PARLEY_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
+    /// Ping a socket that has sent nothing for this long (0s = never).
+    #[arg(long, env = "PARLEY_PING_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub ping_interval: Duration,
+    /// Close a pinged socket that stays silent this much longer.
+    #[arg(long, env = "PARLEY_PING_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub ping_timeout: Duration,
     /// Serve `/metrics` (on by default).
     #[arg(long, env = "PARLEY_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
     pub metrics: bool,
@@ -152,6 +158,9 @@ pub struct Config {
     pub max_replay_events: usize,
     pub rate_limit: u32,
     pub handshake_timeout: Duration,
+    /// `None`: never ping.
+    pub ping_interval: Option<Duration>,
+    pub ping_timeout: Duration,
     pub metrics: bool,
 }
 
@@ -181,6 +190,12 @@ impl Config {
         }
         if a.max_body_bytes < 256 {
             return Err(bad("--max-body-bytes must be at least 256"));
+        }
+        if !a.ping_interval.is_zero() && a.ping_timeout < Duration::from_secs(1) {
+            return Err(bad("--ping-timeout must be at least 1s"));
+        }
+        if a.handshake_timeout.is_zero() {
+            return Err(bad("--handshake-timeout must be more than 0s"));
         }
         if a.max_replay_events == 0 {
             return Err(bad("--max-replay-events must be at least 1"));
@@ -240,6 +255,8 @@ impl Config {
             max_replay_events: a.max_replay_events,
             rate_limit: a.rate_limit,
             handshake_timeout: a.handshake_timeout,
+            ping_interval: (!a.ping_interval.is_zero()).then_some(a.ping_interval),
+            ping_timeout: a.ping_timeout,
             metrics: a.metrics,
         })
     }

@@ -12,7 +12,9 @@
 //! `publish_*` methods; sockets would not change.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
@@ -43,6 +45,18 @@ pub struct Outbox {
     /// who gets a notification for a chat message.
     pub user: Arc<str>,
     limit: usize,
+    /// When the peer last sent anything, in [`coarse_now`] seconds; the
+    /// reaper pings sockets quiet for too long and closes those that stay so.
+    last_heard: AtomicU32,
+    /// A ping went out in the current quiet spell.
+    pinged: AtomicBool,
+}
+
+/// Seconds since the process started: a clock cheap enough to read on every
+/// inbound burst and small enough to keep per socket.
+pub fn coarse_now() -> u32 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_secs() as u32
 }
 
 #[derive(Default)]
@@ -66,7 +80,25 @@ impl Outbox {
             wake: Notify::new(),
             user,
             limit,
+            last_heard: AtomicU32::new(coarse_now()),
+            pinged: AtomicBool::new(false),
         })
+    }
+
+    /// The peer sent something: it is alive.
+    pub fn heard(&self) {
+        self.last_heard.store(coarse_now(), Ordering::Relaxed);
+        self.pinged.store(false, Ordering::Relaxed);
+    }
+
+    /// Marks this quiet spell as pinged; true the first time only.
+    pub fn first_ping(&self) -> bool {
+        !self.pinged.swap(true, Ordering::Relaxed)
+    }
+
+    /// Seconds since the peer last sent anything.
+    pub fn quiet_for(&self) -> u32 {
+        coarse_now().saturating_sub(self.last_heard.load(Ordering::Relaxed))
     }
 
     fn lock(&self) -> MutexGuard<'_, Queue> {
@@ -258,17 +290,17 @@ impl Hub {
         }
     }
 
-    /// Every open socket, for shutdown.
-    pub fn close_all(&self, closing: Closing) {
+    /// Calls `f` on every open socket (shutdown, the idle reaper).
+    pub fn each(&self, mut f: impl FnMut(&Arc<Outbox>)) {
         for room in self.rooms.iter() {
-            for p in &room.peers {
-                p.close(closing);
-            }
+            room.peers.iter().for_each(&mut f);
         }
         for list in self.inboxes.iter() {
-            for p in list.iter() {
-                p.close(closing);
-            }
+            list.iter().for_each(&mut f);
         }
+    }
+
+    pub fn close_all(&self, closing: Closing) {
+        self.each(|p| p.close(closing));
     }
 }

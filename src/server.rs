@@ -7,6 +7,8 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -89,6 +91,9 @@ pub async fn run(
     });
     println!("listening on http://{}", listener.local_addr()?);
     let tracker = TaskTracker::new();
+    if let Some(interval) = shared.config.ping_interval {
+        tokio::spawn(reap_idle(shared.clone(), interval, shutdown.clone()));
+    }
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -128,6 +133,36 @@ pub async fn run(
         Err(e) => tracing::error!("final flush task failed: {e}"),
     }
     Ok(())
+}
+
+/// Pings sockets that have been quiet for `interval` and closes those that
+/// stay quiet `ping_timeout` longer. One task walks every socket every few
+/// seconds, so an idle socket carries no timer of its own.
+async fn reap_idle(shared: Arc<Shared>, interval: Duration, shutdown: CancellationToken) {
+    const TIMED_OUT: Closing = Closing {
+        code: close::GOING_AWAY,
+        reason: "no answer to ping",
+    };
+    let ping_after = interval.as_secs().max(1) as u32;
+    let give_up_after = ping_after + shared.config.ping_timeout.as_secs().max(1) as u32;
+    let tick = Duration::from_secs(u64::from(ping_after.min(give_up_after - ping_after)).clamp(1, 5));
+    let mut ticker = tokio::time::interval(tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let ping = Bytes::from_static(b"\x89\x00");
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        shared.hub.each(|o| {
+            let quiet = o.quiet_for();
+            if quiet >= give_up_after {
+                o.close(TIMED_OUT);
+            } else if quiet >= ping_after && o.first_ping() {
+                o.push(ping.clone());
+            }
+        });
+    }
 }
 
 /// One TCP connection: HTTP/1.1 until it upgrades (the socket then lives

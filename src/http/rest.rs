@@ -41,7 +41,7 @@ pub fn metrics(shared: &Shared) -> Response<Body> {
     let mut r = Response::new(http_body_util::Full::new(Bytes::from(shared.metrics.encode())));
     r.headers_mut().insert(
         CONTENT_TYPE,
-        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     r
 }
@@ -80,7 +80,12 @@ pub async fn handle(
     let query = query.as_deref();
     match (route, req.method().clone()) {
         (Route::Conversations, Method::GET) => {
-            let list = shared.store.conversations_of(&who.user)?;
+            // A service token is a participant of nothing, whatever its name.
+            let list = if who.service {
+                Vec::new()
+            } else {
+                shared.store.conversations_of(&who.user)?
+            };
             Ok(json(
                 StatusCode::OK,
                 &Results {

@@ -68,6 +68,8 @@ struct Conn {
     closing: bool,
     /// Our close frame is in `sending` (or written): nothing follows it.
     close_queued: bool,
+    /// The input broke the protocol: nothing more of it is decoded.
+    poisoned: bool,
     /// The peer sent its close: we end once ours is written.
     peer_closed: bool,
     /// The peer is gone: end now.
@@ -97,6 +99,7 @@ pub async fn serve(stream: TcpStream, early: Vec<u8>, session: Session, shared: 
         sending: SmallVec::new(),
         closing: false,
         close_queued: false,
+        poisoned: false,
         peer_closed: false,
         done: false,
         bucket,
@@ -159,7 +162,8 @@ impl Conn {
         if !self.rbuf.is_empty() {
             self.dispatch().await;
         }
-        let mut close_deadline: Option<tokio::time::Instant> = None;
+        // Boxed and made only once closing: an idle socket carries no timer.
+        let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         loop {
             self.flush()?;
             if self.done {
@@ -169,10 +173,9 @@ impl Conn {
                 if self.peer_closed {
                     return Ok(());
                 }
-                close_deadline.get_or_insert_with(|| tokio::time::Instant::now() + CLOSE_GRACE);
+                grace.get_or_insert_with(|| Box::pin(tokio::time::sleep(CLOSE_GRACE)));
             }
             let want_write = !self.sending.is_empty();
-            let deadline = close_deadline.unwrap_or_else(far_future);
             tokio::select! {
                 biased;
                 _ = self.outbox.notified() => {}
@@ -183,7 +186,7 @@ impl Conn {
                     }
                 }
                 r = self.stream.writable(), if want_write => r?,
-                _ = tokio::time::sleep_until(deadline), if close_deadline.is_some() => return Ok(()),
+                _ = async { grace.as_mut().expect("guarded").await }, if grace.is_some() => return Ok(()),
             }
         }
     }
@@ -255,6 +258,9 @@ impl Conn {
                     return Ok(false);
                 }
                 Ok(n) => {
+                    if got == 0 {
+                        self.outbox.heard();
+                    }
                     got += n;
                     if got >= READ_BUDGET {
                         return Ok(true);
@@ -272,7 +278,7 @@ impl Conn {
     async fn dispatch(&mut self) {
         let max = self.shared.config.max_frame_bytes;
         let mut pos = 0;
-        while !self.done {
+        while !self.done && !self.poisoned {
             let mut needed = 0;
             match frame::decode(&mut self.rbuf[pos..], max, &mut needed) {
                 Ok(Some(f)) => {
@@ -290,14 +296,14 @@ impl Conn {
                     }
                     break;
                 }
-                Err(v) => {
-                    self.violate(v);
-                    pos = self.rbuf.len();
-                }
+                Err(v) => self.violate(v),
             }
         }
-        self.rbuf.drain(..pos.min(self.rbuf.len()));
-        if self.rbuf.is_empty() || self.closing {
+        if self.poisoned {
+            pos = self.rbuf.len();
+        }
+        self.rbuf.drain(..pos);
+        if self.rbuf.is_empty() {
             // Idle sockets hold no read buffer.
             self.rbuf = Vec::new();
         }
@@ -308,9 +314,10 @@ impl Conn {
             code: v.code,
             reason: v.reason,
         });
+        // Our close is queued; the flush loop sends it. What follows in the
+        // buffer cannot be trusted to be frames: it is dropped unread.
         self.closing = true;
-        // Our close is queued; the flush loop sends it. Nothing more is read.
-        self.rbuf.clear();
+        self.poisoned = true;
     }
 
     async fn on_frame(
@@ -460,8 +467,4 @@ impl Conn {
             false
         }
     }
-}
-
-fn far_future() -> tokio::time::Instant {
-    tokio::time::Instant::now() + Duration::from_secs(86400 * 365)
 }
