@@ -16,10 +16,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
+use atomic_waker::AtomicWaker;
 use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
 use smallvec::SmallVec;
-use tokio::sync::Notify;
 
 use crate::ws::frame::{self, OpCode};
 
@@ -40,7 +40,8 @@ pub const SLOW_CONSUMER: Closing = Closing {
 /// pongs and the close all go through it, so frames never interleave.
 pub struct Outbox {
     state: Mutex<Queue>,
-    wake: Notify,
+    /// The socket task, woken when something is queued.
+    waker: AtomicWaker,
     /// The socket's user: whether they are watching a conversation decides
     /// who gets a notification for a chat message.
     pub user: Arc<str>,
@@ -61,15 +62,15 @@ pub fn coarse_now() -> u32 {
 
 #[derive(Default)]
 struct Queue {
-    /// Usually one shared batch at a time; two inline before spilling.
-    frames: SmallVec<[Bytes; 2]>,
+    /// Usually one shared batch at a time, kept inline.
+    frames: SmallVec<[Bytes; 1]>,
     bytes: usize,
     closing: Option<Closing>,
 }
 
 /// What a socket task takes from its outbox in one go.
 pub struct Drained {
-    pub frames: SmallVec<[Bytes; 2]>,
+    pub frames: SmallVec<[Bytes; 1]>,
     pub closing: Option<Closing>,
 }
 
@@ -77,7 +78,7 @@ impl Outbox {
     pub fn new(user: Arc<str>, limit: usize) -> Arc<Outbox> {
         Arc::new(Outbox {
             state: Mutex::new(Queue::default()),
-            wake: Notify::new(),
+            waker: AtomicWaker::new(),
             user,
             limit,
             last_heard: AtomicU32::new(coarse_now()),
@@ -135,7 +136,7 @@ impl Outbox {
             q.frames.push(bytes);
         }
         drop(q);
-        self.wake.notify_one();
+        self.waker.wake();
     }
 
     /// Queues one text frame of this socket's own (an error reply).
@@ -152,7 +153,7 @@ impl Outbox {
             q.closing = Some(closing);
         }
         drop(q);
-        self.wake.notify_one();
+        self.waker.wake();
     }
 
     /// Takes everything queued.
@@ -165,9 +166,9 @@ impl Outbox {
         }
     }
 
-    /// Resolves when something was queued since the last drain.
-    pub async fn notified(&self) {
-        self.wake.notified().await
+    /// Wakes `waker` when something is queued (checked by the next drain).
+    pub fn register(&self, waker: &std::task::Waker) {
+        self.waker.register(waker);
     }
 }
 

@@ -64,7 +64,7 @@ fn serve(args: config::ServeArgs) -> i32 {
         }
     };
     rt.block_on(async move {
-        let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        let listener = match parley::server::listen(config.listen) {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("parley: cannot listen on {}: {e}", config.listen);

@@ -143,6 +143,16 @@ impl Sequencer {
         Ok((Sequencer { tx }, handle))
     }
 
+    /// Queues a request without waiting; `Full` hands it back.
+    pub fn try_submit(&self, r: Request) -> Result<(), mpsc::error::TrySendError<Request>> {
+        self.tx.try_send(r)
+    }
+
+    /// A sender to wait for room with, when `try_submit` found the queue full.
+    pub fn sender(&self) -> mpsc::Sender<Request> {
+        self.tx.clone()
+    }
+
     pub async fn submit(&self, r: Request) -> Result<(), WriteError> {
         self.tx.send(r).await.map_err(|_| WriteError::ShuttingDown)
     }

@@ -52,6 +52,20 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
 }
 
+/// Binds `addr` with a listen backlog deep enough for connection storms
+/// (std's default of 128 overflows at a few hundred handshakes in flight;
+/// the kernel caps it at `net.core.somaxconn`).
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
 /// Opens the store at `config.data_dir`.
 pub fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
     std::fs::create_dir_all(&config.data_dir)

@@ -93,7 +93,7 @@ pub fn upgrade(
                 // `read_buf` points into hyper's connection buffer: drop it
                 // now or it keeps that buffer alive for the socket's life.
                 drop(p.read_buf);
-                Box::pin(ws::serve(p.io.into_inner(), early, session, shared)).await
+                ws::open(p.io.into_inner(), early, session, shared).await
             }
             Err(_) => {
                 tracing::error!("upgraded connection is not a TcpStream");
@@ -144,7 +144,12 @@ fn check(req: &Request<Incoming>, route: Route, shared: &Shared) -> Result<(Sess
                     }
                 }
             };
-            (Topic::Chat(id), resume)
+            (
+                Topic::Chat(
+                    std::num::NonZeroU64::new(id).ok_or(ApiError::not_found("no such conversation"))?,
+                ),
+                resume,
+            )
         }
         Route::Notifications => {
             let resume = match after_raw {

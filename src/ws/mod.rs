@@ -1,37 +1,56 @@
 //! One WebSocket's whole life, after the 101: join, read and dispatch
 //! frames, write what its outbox holds, close.
 //!
-//! An idle socket costs little: its task waits on readiness of the bare
-//! `TcpStream` and on its outbox; the read buffer exists only while a frame
-//! is arriving, and outgoing bytes are shared with every other receiver.
+//! Density is the design constraint here. An open socket is one small task
+//! whose future is [`Conn`] itself, polled by hand: it waits on the bare
+//! `TcpStream`'s readiness and on its outbox's waker, and holds no timer, no
+//! read buffer and no nested `async` state while idle. Whatever is rare (a
+//! fragmented message, a blocked submit, the close grace timer, the rate
+//! limiter) lives behind a `Box` that exists only while needed.
+//!
 //! Every byte this socket sends passes through its [`Outbox`], the one
 //! ordered path, so broadcasts, error replies, pongs and the close never
-//! interleave. This module never touches the store: writes go to the
-//! sequencer.
+//! interleave, and nothing follows the close. This module never touches the
+//! store: writes go to the sequencer.
 
 pub mod frame;
 
-use std::io::IoSlice;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::num::NonZeroU64;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use smallvec::SmallVec;
 use tokio::net::TcpStream;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::mpsc::OwnedPermit;
 
 use crate::hub::{Closing, Outbox};
 use crate::metrics::Kind;
 use crate::protocol::{self, Command, Rejection};
 use crate::sequencer::{ChatOp, Request, Resume};
-use crate::server::Shared;
+use crate::server::{Shared, GOING_AWAY};
 use frame::{close, OpCode, Violation};
 
 /// What the socket is subscribed to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Topic {
-    Chat(u64),
+    Chat(NonZeroU64),
     Notifications,
+}
+
+impl Topic {
+    fn kind(self) -> &'static str {
+        match self {
+            Topic::Chat(_) => "chat",
+            Topic::Notifications => "notifications",
+        }
+    }
 }
 
 /// What the upgrade checks established.
@@ -48,73 +67,40 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Bytes read per wake-up before yielding to other sockets.
 const READ_BUDGET: usize = 256 * 1024;
 
-/// A fragmented message being reassembled.
-struct Fragments {
-    opcode: OpCode,
-    data: Vec<u8>,
-}
-
-struct Conn {
-    stream: TcpStream,
-    outbox: Arc<Outbox>,
-    session: Session,
-    shared: Arc<Shared>,
-    /// Bytes received but not yet decoded; empty (unallocated) when idle.
-    rbuf: Vec<u8>,
-    fragments: Option<Box<Fragments>>,
-    /// Frames taken from the outbox, being written.
-    sending: SmallVec<[Bytes; 2]>,
-    /// A close was asked for: input is ignored but for the peer's close.
-    closing: bool,
-    /// Our close frame is in `sending` (or written): nothing follows it.
-    close_queued: bool,
-    /// The input broke the protocol: nothing more of it is decoded.
-    poisoned: bool,
-    /// The peer sent its close: we end once ours is written.
-    peer_closed: bool,
-    /// The peer is gone: end now.
-    done: bool,
-    /// Token bucket for `--rate-limit`: (tokens, last refill).
-    bucket: Option<(f64, Instant)>,
-}
-
-/// Runs the socket until it closes.
-pub async fn serve(stream: TcpStream, early: Vec<u8>, session: Session, shared: Arc<Shared>) {
-    let kind = match session.topic {
-        Topic::Chat(_) => "chat",
-        Topic::Notifications => "notifications",
-    };
-    let gauge = shared.metrics.sockets.get_or_create(&Kind { kind }).clone();
-    gauge.inc();
+/// Joins the hub (replaying first when resuming) and runs the socket as its
+/// own small task. The task that called this ends, so the HTTP phase's
+/// state is gone before the socket's long idle life starts.
+pub async fn open(stream: TcpStream, early: Vec<u8>, session: Session, shared: Arc<Shared>) {
     let outbox = Outbox::new(session.user.clone(), shared.config.max_outbound_bytes);
-    let joined = join(&session, &outbox, &shared).await;
-    let bucket = (shared.config.rate_limit > 0).then(|| (shared.config.rate_limit as f64, Instant::now()));
-    let mut conn = Conn {
+    shared
+        .metrics
+        .sockets
+        .get_or_create(&Kind {
+            kind: session.topic.kind(),
+        })
+        .inc();
+    // From here on `Conn`'s drop undoes the join and the counts.
+    let conn = Conn {
         stream,
         outbox,
-        session,
-        shared: shared.clone(),
+        shared,
+        topic: session.topic,
         rbuf: early,
         fragments: None,
         sending: SmallVec::new(),
-        closing: false,
-        close_queued: false,
-        poisoned: false,
-        peer_closed: false,
-        done: false,
-        bucket,
+        blocked: None,
+        grace: None,
+        bucket: None,
+        flags: Flags::default(),
     };
-    if joined {
-        if let Err(e) = conn.run().await {
-            tracing::debug!("socket ended: {e}");
-        }
+    let mut conn = conn;
+    if !join(&session, &conn.outbox, &conn.shared).await {
+        return;
     }
-    match conn.session.topic {
-        Topic::Chat(id) => shared.hub.leave(id, &conn.outbox),
-        Topic::Notifications => shared.hub.unlisten(&conn.outbox),
+    if conn.shared.config.rate_limit > 0 {
+        conn.bucket = Some(Box::new((conn.shared.config.rate_limit as f64, Instant::now())));
     }
-    gauge.dec();
-    shared.sockets.fetch_sub(1, Ordering::AcqRel);
+    tokio::spawn(conn);
 }
 
 /// Subscribes the socket: directly, or through the sequencer when it
@@ -123,7 +109,7 @@ async fn join(session: &Session, outbox: &Arc<Outbox>, shared: &Shared) -> bool 
     let outbox = outbox.clone();
     let r = match (session.topic, session.resume) {
         (Topic::Chat(id), None) => {
-            shared.hub.join(id, &outbox);
+            shared.hub.join(id.get(), &outbox);
             return true;
         }
         (Topic::Notifications, None) => {
@@ -135,7 +121,7 @@ async fn join(session: &Session, outbox: &Arc<Outbox>, shared: &Shared) -> bool 
                 .sequencer
                 .ask(|reply| {
                     Request::Resume(Resume::Chat {
-                        conversation,
+                        conversation: conversation.get(),
                         after_seq,
                         outbox,
                         reply,
@@ -156,62 +142,172 @@ async fn join(session: &Session, outbox: &Arc<Outbox>, shared: &Shared) -> bool 
     r.is_ok()
 }
 
-impl Conn {
-    async fn run(&mut self) -> std::io::Result<()> {
-        // Frames the client sent right behind its handshake.
-        if !self.rbuf.is_empty() {
-            self.dispatch().await;
-        }
-        // Boxed and made only once closing: an idle socket carries no timer.
-        let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-        loop {
-            self.flush()?;
-            if self.done {
-                return Ok(());
-            }
-            if self.close_queued && self.sending.is_empty() {
-                if self.peer_closed {
-                    return Ok(());
+#[derive(Default)]
+struct Flags {
+    /// A close was asked for: input is ignored but for the peer's close.
+    closing: bool,
+    /// Our close frame is in `sending` (or written): nothing follows it.
+    close_queued: bool,
+    /// The input broke the protocol: nothing more of it is decoded.
+    poisoned: bool,
+    /// The peer sent its close: we end once ours is written.
+    peer_closed: bool,
+    /// The peer is gone: end now.
+    done: bool,
+}
+
+/// A fragmented message being reassembled.
+struct Fragments {
+    opcode: OpCode,
+    data: Vec<u8>,
+}
+
+/// A chat command waiting for room in the sequencer's queue; nothing more
+/// is read from this socket until it goes through.
+struct Blocked {
+    permit: Pin<
+        Box<
+            dyn Future<Output = Result<OwnedPermit<Request>, tokio::sync::mpsc::error::SendError<()>>> + Send,
+        >,
+    >,
+    request: Option<Request>,
+}
+
+/// An open socket, and the future of its task.
+pub struct Conn {
+    stream: TcpStream,
+    outbox: Arc<Outbox>,
+    shared: Arc<Shared>,
+    topic: Topic,
+    /// Bytes received but not yet decoded; unallocated when idle.
+    rbuf: Vec<u8>,
+    fragments: Option<Box<Fragments>>,
+    /// Frames taken from the outbox, being written.
+    sending: SmallVec<[Bytes; 1]>,
+    blocked: Option<Box<Blocked>>,
+    grace: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// `--rate-limit` token bucket: (tokens, last refill).
+    bucket: Option<Box<(f64, Instant)>>,
+    flags: Flags,
+}
+
+impl Future for Conn {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        match this.poll_socket(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(r) => {
+                if let Err(e) = r {
+                    tracing::debug!("socket ended: {e}");
                 }
-                grace.get_or_insert_with(|| Box::pin(tokio::time::sleep(CLOSE_GRACE)));
-            }
-            let want_write = !self.sending.is_empty();
-            tokio::select! {
-                biased;
-                _ = self.outbox.notified() => {}
-                r = self.stream.readable() => {
-                    r?;
-                    if self.read()? {
-                        self.dispatch().await;
-                    }
-                }
-                r = self.stream.writable(), if want_write => r?,
-                _ = async { grace.as_mut().expect("guarded").await }, if grace.is_some() => return Ok(()),
+                Poll::Ready(())
             }
         }
     }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        match self.topic {
+            Topic::Chat(id) => self.shared.hub.leave(id.get(), &self.outbox),
+            Topic::Notifications => self.shared.hub.unlisten(&self.outbox),
+        }
+        self.shared
+            .metrics
+            .sockets
+            .get_or_create(&Kind {
+                kind: self.topic.kind(),
+            })
+            .dec();
+        self.shared.sockets.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Conn {
+    fn poll_socket(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Frames the client sent right behind its handshake.
+        if !self.rbuf.is_empty() && self.fragments.is_none() && self.blocked.is_none() {
+            self.dispatch();
+        }
+        // Bounded so one busy socket yields to the others.
+        for _ in 0..32 {
+            if let Some(b) = self.blocked.as_mut() {
+                match b.permit.as_mut().poll(cx) {
+                    Poll::Ready(Ok(permit)) => {
+                        if let Some(r) = b.request.take() {
+                            permit.send(r);
+                        }
+                        self.blocked = None;
+                        self.dispatch();
+                    }
+                    Poll::Ready(Err(_)) => {
+                        self.blocked = None;
+                        self.outbox.close(GOING_AWAY);
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            self.outbox.register(cx.waker());
+            self.flush()?;
+            if self.flags.done {
+                return Poll::Ready(Ok(()));
+            }
+            if self.flags.close_queued && self.sending.is_empty() {
+                if self.flags.peer_closed {
+                    return Poll::Ready(Ok(()));
+                }
+                let grace = self
+                    .grace
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(CLOSE_GRACE)));
+                if grace.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Ok(()));
+                }
+            }
+            if !self.sending.is_empty() {
+                match self.stream.poll_write_ready(cx) {
+                    Poll::Ready(Ok(())) => continue,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {}
+                }
+            }
+            if self.blocked.is_some() {
+                return Poll::Pending;
+            }
+            match self.stream.poll_read_ready(cx) {
+                Poll::Ready(Ok(())) => {
+                    if self.read()? {
+                        self.dispatch();
+                    }
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
 
     /// Writes as much of the outbox as the socket takes without blocking.
-    fn flush(&mut self) -> std::io::Result<()> {
+    fn flush(&mut self) -> io::Result<()> {
         loop {
             if self.sending.is_empty() {
-                if self.close_queued {
+                if self.flags.close_queued {
                     // Nothing may follow our close frame.
                     return Ok(());
                 }
                 let drained = self.outbox.drain();
                 self.sending = drained.frames;
                 if let Some(c) = drained.closing {
-                    if !self.close_queued {
-                        self.close_queued = true;
-                        self.closing = true;
-                        if c == crate::hub::SLOW_CONSUMER {
-                            self.shared.metrics.slow_consumers.inc();
-                        }
-                        let mut b = BytesMut::with_capacity(128);
-                        frame::put_close(&mut b, c.code, c.reason);
-                        self.sending.push(b.freeze());
+                    self.flags.close_queued = true;
+                    self.flags.closing = true;
+                    if c == crate::hub::SLOW_CONSUMER {
+                        self.shared.metrics.slow_consumers.inc();
                     }
+                    let mut b = BytesMut::with_capacity(128);
+                    frame::put_close(&mut b, c.code, c.reason);
+                    self.sending.push(b.freeze());
                 }
                 if self.sending.is_empty() {
                     return Ok(());
@@ -222,7 +318,7 @@ impl Conn {
                     self.sending.iter().take(16).map(|b| IoSlice::new(b)).collect();
                 match self.stream.try_write_vectored(&slices) {
                     Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                     Err(e) => return Err(e),
                 }
             };
@@ -242,11 +338,15 @@ impl Conn {
             }
         }
         self.sending.drain(..whole);
+        if self.sending.is_empty() && self.sending.spilled() {
+            // A burst spilled the queue to the heap: give it back.
+            self.sending = SmallVec::new();
+        }
     }
 
     /// Reads what the socket has. Returns whether there is anything to
-    /// decode; on end of stream the connection is done.
-    fn read(&mut self) -> std::io::Result<bool> {
+    /// decode; at end of stream the connection is done.
+    fn read(&mut self) -> io::Result<bool> {
         let mut got = 0;
         loop {
             if self.rbuf.capacity() - self.rbuf.len() < 1024 {
@@ -254,7 +354,7 @@ impl Conn {
             }
             match self.stream.try_read_buf(&mut self.rbuf) {
                 Ok(0) => {
-                    self.done = true;
+                    self.flags.done = true;
                     return Ok(false);
                 }
                 Ok(n) => {
@@ -266,40 +366,45 @@ impl Conn {
                         return Ok(true);
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    return Ok(got > 0 || !self.rbuf.is_empty())
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if self.rbuf.is_empty() {
+                        self.rbuf = Vec::new();
+                    }
+                    return Ok(got > 0);
                 }
                 Err(e) => return Err(e),
             }
         }
     }
 
-    /// Decodes and handles every whole frame in the read buffer.
-    async fn dispatch(&mut self) {
+    /// Decodes and handles every whole frame in the read buffer, up to a
+    /// command that must wait for the sequencer.
+    fn dispatch(&mut self) {
         let max = self.shared.config.max_frame_bytes;
         let mut pos = 0;
-        while !self.done && !self.poisoned {
+        while !self.flags.done && !self.flags.poisoned && self.blocked.is_none() {
             let mut needed = 0;
             match frame::decode(&mut self.rbuf[pos..], max, &mut needed) {
                 Ok(Some(f)) => {
                     let start = pos;
                     pos += f.len;
                     let payload = start + f.payload.start..start + f.payload.end;
-                    if let Err(v) = self.on_frame(f.fin, f.opcode, payload).await {
+                    if let Err(v) = self.on_frame(f.fin, f.opcode, payload) {
                         self.violate(v);
                     }
                 }
                 Ok(None) => {
                     // Size the buffer once for the rest of this frame.
-                    if needed > self.rbuf.len() - pos {
-                        self.rbuf.reserve(needed - (self.rbuf.len() - pos));
+                    let have = self.rbuf.len() - pos;
+                    if needed > have {
+                        self.rbuf.reserve(needed - have);
                     }
                     break;
                 }
                 Err(v) => self.violate(v),
             }
         }
-        if self.poisoned {
+        if self.flags.poisoned {
             pos = self.rbuf.len();
         }
         self.rbuf.drain(..pos);
@@ -316,25 +421,28 @@ impl Conn {
         });
         // Our close is queued; the flush loop sends it. What follows in the
         // buffer cannot be trusted to be frames: it is dropped unread.
-        self.closing = true;
-        self.poisoned = true;
+        self.flags.closing = true;
+        self.flags.poisoned = true;
     }
 
-    async fn on_frame(
+    fn on_frame(
         &mut self,
         fin: bool,
         opcode: OpCode,
         payload: std::ops::Range<usize>,
     ) -> Result<(), Violation> {
-        if self.closing {
-            self.peer_closed |= opcode == OpCode::Close;
+        if self.flags.closing {
+            self.flags.peer_closed |= opcode == OpCode::Close;
             return Ok(());
         }
+        const INTERLEAVED: Violation = Violation {
+            code: close::PROTOCOL_ERROR,
+            reason: "new message inside a fragmented one",
+        };
         match opcode {
             OpCode::Close => {
-                let p = &self.rbuf[payload];
-                let code = match p {
-                    [a, b, ..] => u16::from_be_bytes([*a, *b]),
+                let code = match self.rbuf[payload] {
+                    [a, b, ..] => u16::from_be_bytes([a, b]),
                     _ => close::NORMAL,
                 };
                 // Echo the close, then end once it is written.
@@ -344,8 +452,8 @@ impl Conn {
                     close::PROTOCOL_ERROR
                 };
                 self.outbox.close(Closing { code, reason: "" });
-                self.closing = true;
-                self.peer_closed = true;
+                self.flags.closing = true;
+                self.flags.peer_closed = true;
                 Ok(())
             }
             OpCode::Ping => {
@@ -357,22 +465,16 @@ impl Conn {
             OpCode::Pong => Ok(()),
             OpCode::Text | OpCode::Binary if fin => {
                 if self.fragments.is_some() {
-                    return Err(Violation {
-                        code: close::PROTOCOL_ERROR,
-                        reason: "new message inside a fragmented one",
-                    });
+                    return Err(INTERLEAVED);
                 }
                 let mut data = std::mem::take(&mut self.rbuf);
-                let r = self.on_message(opcode, &mut data[payload]).await;
+                let r = self.on_message(opcode, &mut data[payload]);
                 self.rbuf = data;
                 r
             }
             OpCode::Text | OpCode::Binary => {
                 if self.fragments.is_some() {
-                    return Err(Violation {
-                        code: close::PROTOCOL_ERROR,
-                        reason: "new message inside a fragmented one",
-                    });
+                    return Err(INTERLEAVED);
                 }
                 self.fragments = Some(Box::new(Fragments {
                     opcode,
@@ -395,8 +497,9 @@ impl Conn {
                 }
                 fr.data.extend_from_slice(&self.rbuf[payload]);
                 if fin {
-                    let mut fr = self.fragments.take().expect("checked above");
-                    self.on_message(fr.opcode, &mut fr.data).await?;
+                    if let Some(mut fr) = self.fragments.take() {
+                        self.on_message(fr.opcode, &mut fr.data)?;
+                    }
                 }
                 Ok(())
             }
@@ -404,14 +507,14 @@ impl Conn {
     }
 
     /// A whole message: text (checked UTF-8) or binary.
-    async fn on_message(&mut self, opcode: OpCode, data: &mut [u8]) -> Result<(), Violation> {
+    fn on_message(&mut self, opcode: OpCode, data: &mut [u8]) -> Result<(), Violation> {
         if opcode == OpCode::Text && std::str::from_utf8(data).is_err() {
             return Err(Violation {
                 code: close::INVALID_PAYLOAD,
                 reason: "text frame is not valid UTF-8",
             });
         }
-        let Topic::Chat(conversation) = self.session.topic else {
+        let Topic::Chat(conversation) = self.topic else {
             self.reject(&protocol::UNKNOWN_TYPE_NOTIFICATIONS);
             return Ok(());
         };
@@ -433,13 +536,21 @@ impl Conn {
             }
         };
         let request = Request::Chat {
-            conversation,
-            user: self.session.user.clone(),
+            conversation: conversation.get(),
+            user: self.outbox.user.clone(),
             op,
             outbox: self.outbox.clone(),
         };
-        if self.shared.sequencer.submit(request).await.is_err() {
-            self.outbox.close(crate::server::GOING_AWAY);
+        match self.shared.sequencer.try_submit(request) {
+            Ok(()) => {}
+            Err(TrySendError::Full(request)) => {
+                let sender = self.shared.sequencer.sender();
+                self.blocked = Some(Box::new(Blocked {
+                    permit: Box::pin(sender.reserve_owned()),
+                    request: Some(request),
+                }));
+            }
+            Err(TrySendError::Closed(_)) => self.outbox.close(GOING_AWAY),
         }
         Ok(())
     }
@@ -453,9 +564,10 @@ impl Conn {
 
     /// `--rate-limit`: a bucket of N frames refilled at N per second.
     fn take_token(&mut self) -> bool {
-        let Some((tokens, last)) = self.bucket.as_mut() else {
+        let Some(bucket) = self.bucket.as_mut() else {
             return true;
         };
+        let (tokens, last) = &mut **bucket;
         let rate = self.shared.config.rate_limit as f64;
         let now = Instant::now();
         *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(rate);
