@@ -162,14 +162,14 @@ struct Fragments {
     data: Vec<u8>,
 }
 
+type PermitFuture = Pin<
+    Box<dyn Future<Output = Result<OwnedPermit<Request>, tokio::sync::mpsc::error::SendError<()>>> + Send>,
+>;
+
 /// A chat command waiting for room in the sequencer's queue; nothing more
 /// is read from this socket until it goes through.
 struct Blocked {
-    permit: Pin<
-        Box<
-            dyn Future<Output = Result<OwnedPermit<Request>, tokio::sync::mpsc::error::SendError<()>>> + Send,
-        >,
-    >,
+    permit: PermitFuture,
     request: Option<Request>,
 }
 
