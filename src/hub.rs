@@ -17,7 +17,9 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use atomic_waker::AtomicWaker;
-use bytes::{Bytes, BytesMut};
+use std::os::fd::RawFd;
+
+use bytes::{Buf, Bytes, BytesMut};
 use dashmap::DashMap;
 use smallvec::SmallVec;
 
@@ -46,6 +48,8 @@ pub struct Outbox {
     /// who gets a notification for a chat message.
     pub user: Arc<str>,
     limit: usize,
+    /// The socket, for writing without waking its task; -1 for none.
+    fd: RawFd,
     /// When the peer last sent anything, in [`coarse_now`] seconds; the
     /// reaper pings sockets quiet for too long and closes those that stay so.
     last_heard: AtomicU32,
@@ -66,6 +70,10 @@ struct Queue {
     frames: SmallVec<[Bytes; 1]>,
     bytes: usize,
     closing: Option<Closing>,
+    /// The socket task holds frames it is writing: others must queue.
+    busy: bool,
+    /// The socket's descriptor is closed or closing.
+    gone: bool,
 }
 
 /// What a socket task takes from its outbox in one go.
@@ -75,8 +83,15 @@ pub struct Drained {
 }
 
 impl Outbox {
+    /// An outbox that only queues (for tests and benches).
     pub fn new(user: Arc<str>, limit: usize) -> Arc<Outbox> {
+        Outbox::for_socket(user, limit, -1)
+    }
+
+    /// An outbox that writes straight to `fd` when its writer is idle.
+    pub fn for_socket(user: Arc<str>, limit: usize, fd: RawFd) -> Arc<Outbox> {
         Arc::new(Outbox {
+            fd,
             state: Mutex::new(Queue::default()),
             waker: AtomicWaker::new(),
             user,
@@ -122,10 +137,20 @@ impl Outbox {
         self.push_inner(bytes, true)
     }
 
-    fn push_inner(&self, bytes: Bytes, unbounded: bool) {
+    fn push_inner(&self, mut bytes: Bytes, unbounded: bool) {
         let mut q = self.lock();
-        if q.closing.is_some() {
+        if q.closing.is_some() || q.gone {
             return;
+        }
+        if !q.busy && q.frames.is_empty() {
+            // The socket's writer is idle and nothing is queued: write now,
+            // from this thread, and wake nobody if the kernel takes it all.
+            // Holding the lock keeps the socket task from writing meanwhile.
+            match self.send_now(&bytes) {
+                Some(n) if n == bytes.len() => return,
+                Some(n) => bytes.advance(n),
+                None => {}
+            }
         }
         if !unbounded && q.bytes + bytes.len() > self.limit {
             q.frames = SmallVec::new();
@@ -156,14 +181,53 @@ impl Outbox {
         self.waker.wake();
     }
 
-    /// Takes everything queued.
+    /// Takes everything queued. The caller becomes the socket's writer
+    /// until it calls [`Outbox::release`]: no direct writes meanwhile.
     pub fn drain(&self) -> Drained {
         let mut q = self.lock();
         q.bytes = 0;
+        let frames = std::mem::take(&mut q.frames);
+        q.busy |= !frames.is_empty() || q.closing.is_some();
         Drained {
-            frames: std::mem::take(&mut q.frames),
+            frames,
             closing: q.closing,
         }
+    }
+
+    /// The writer has written everything it took. Returns false if more was
+    /// queued meanwhile (the writer must drain again).
+    pub fn release(&self) -> bool {
+        let mut q = self.lock();
+        if q.frames.is_empty() && q.closing.is_none() {
+            q.busy = false;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The socket is closing its descriptor: never write to it again.
+    pub fn detach(&self) {
+        self.lock().gone = true;
+    }
+
+    /// One non-blocking `send` on the socket; `None` when it took nothing
+    /// (full, or broken: the socket task finds out and closes).
+    fn send_now(&self, bytes: &[u8]) -> Option<usize> {
+        if self.fd < 0 {
+            return None;
+        }
+        // SAFETY: `fd` is open: the socket task calls `detach` under this
+        // same lock before closing it, and `push_inner` checked `gone`.
+        let n = unsafe {
+            libc::send(
+                self.fd,
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        (n > 0).then_some(n as usize)
     }
 
     /// Wakes `waker` when something is queued (checked by the next drain).

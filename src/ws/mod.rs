@@ -71,7 +71,12 @@ const READ_BUDGET: usize = 256 * 1024;
 /// own small task. The task that called this ends, so the HTTP phase's
 /// state is gone before the socket's long idle life starts.
 pub async fn open(stream: TcpStream, early: Vec<u8>, session: Session, shared: Arc<Shared>) {
-    let outbox = Outbox::new(session.user.clone(), shared.config.max_outbound_bytes);
+    use std::os::fd::AsRawFd;
+    let outbox = Outbox::for_socket(
+        session.user.clone(),
+        shared.config.max_outbound_bytes,
+        stream.as_raw_fd(),
+    );
     shared
         .metrics
         .sockets
@@ -210,6 +215,8 @@ impl Future for Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
+        // Before `stream` (and its descriptor) is dropped with the fields.
+        self.outbox.detach();
         match self.topic {
             Topic::Chat(id) => self.shared.hub.leave(id.get(), &self.outbox),
             Topic::Notifications => self.shared.hub.unlisten(&self.outbox),
@@ -323,6 +330,9 @@ impl Conn {
                 }
             };
             self.consume(n);
+            if self.sending.is_empty() && !self.flags.close_queued && self.outbox.release() {
+                return Ok(());
+            }
         }
     }
 
