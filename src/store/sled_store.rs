@@ -118,16 +118,16 @@ impl SledStore {
             .flush_every_ms(flush_every_ms)
             .mode(sled::Mode::HighThroughput)
             .open()
-            .map_err(|e| match e {
-                sled::Error::Io(ref io)
-                    if io.kind() == std::io::ErrorKind::WouldBlock || io.raw_os_error() == Some(11) =>
-                {
+            .map_err(|e| {
+                let text = e.to_string();
+                if text.contains("could not acquire lock") {
                     StoreError::Open(format!(
-                        "{} is in use by another parley (or another process): {e}",
+                        "the data dir {} is in use by another parley (or another process holds its lock)",
                         dir.display()
                     ))
+                } else {
+                    StoreError::Open(format!("cannot open the store in {}: {text}", dir.display()))
                 }
-                e => StoreError::Open(format!("cannot open the store in {}: {e}", dir.display())),
             })?;
         let tree = db.open_tree("parley").map_err(io)?;
         Ok(SledStore {
