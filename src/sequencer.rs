@@ -223,10 +223,19 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            // A bug that panics on one request must not stop every write of
+            // the server: that request is dropped (its caller sees its reply
+            // channel close) and the writer goes on.
             for r in group.drain(..) {
-                self.handle(r);
+                let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(r)));
+                if handled.is_err() {
+                    tracing::error!("the sequencer panicked on a request; it was dropped");
+                }
             }
-            self.finish_group();
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.finish_group())).is_err() {
+                tracing::error!("the sequencer panicked while publishing a group");
+                self.out = Outgoing::default();
+            }
         }
         if let Err(e) = self.store.sync() {
             tracing::error!("final flush failed: {e}");
