@@ -67,9 +67,9 @@ pub struct ServeArgs {
     /// Required `iss` claim (checked only when set).
     #[arg(long, env = "PARLEY_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
-    /// Accept tokens without `exp` (refused by default).
-    #[arg(long, env = "PARLEY_JWT_ALLOW_NO_EXP")]
-    pub jwt_allow_no_exp: bool,
+    /// Refuse tokens without `exp` (`false` accepts them).
+    #[arg(long, env = "PARLEY_JWT_REQUIRE_EXP", default_value_t = true, action = clap::ArgAction::Set)]
+    pub jwt_require_exp: bool,
     /// Longest message text, in Unicode code points.
     #[arg(long, env = "PARLEY_MAX_MESSAGE_CHARS", default_value_t = 4000)]
     pub max_message_chars: usize,
@@ -244,7 +244,7 @@ impl Config {
                 secret,
                 audience: a.jwt_audience,
                 issuer: a.jwt_issuer,
-                require_exp: !a.jwt_allow_no_exp,
+                require_exp: a.jwt_require_exp,
             },
             max_message_chars: a.max_message_chars,
             max_frame_bytes: a.max_frame_bytes,

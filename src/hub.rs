@@ -48,8 +48,6 @@ pub struct Outbox {
     /// who gets a notification for a chat message.
     pub user: Arc<str>,
     limit: usize,
-    /// The socket, for writing without waking its task; -1 for none.
-    fd: RawFd,
     /// When the peer last sent anything, in [`coarse_now`] seconds; the
     /// reaper pings sockets quiet for too long and closes those that stay so.
     last_heard: AtomicU32,
@@ -64,7 +62,6 @@ pub fn coarse_now() -> u32 {
     START.get_or_init(Instant::now).elapsed().as_secs() as u32
 }
 
-#[derive(Default)]
 struct Queue {
     /// Usually one shared batch at a time, kept inline.
     frames: SmallVec<[Bytes; 1]>,
@@ -74,6 +71,21 @@ struct Queue {
     busy: bool,
     /// The socket's descriptor is closed or closing.
     gone: bool,
+    /// The socket, for writing without waking its task; -1 until attached.
+    fd: RawFd,
+}
+
+impl Default for Queue {
+    fn default() -> Queue {
+        Queue {
+            frames: SmallVec::new(),
+            bytes: 0,
+            closing: None,
+            busy: false,
+            gone: false,
+            fd: -1,
+        }
+    }
 }
 
 /// What a socket task takes from its outbox in one go.
@@ -83,15 +95,9 @@ pub struct Drained {
 }
 
 impl Outbox {
-    /// An outbox that only queues (for tests and benches).
+    /// An outbox that queues until a socket is [attached](Outbox::attach).
     pub fn new(user: Arc<str>, limit: usize) -> Arc<Outbox> {
-        Outbox::for_socket(user, limit, -1)
-    }
-
-    /// An outbox that writes straight to `fd` when its writer is idle.
-    pub fn for_socket(user: Arc<str>, limit: usize, fd: RawFd) -> Arc<Outbox> {
         Arc::new(Outbox {
-            fd,
             state: Mutex::new(Queue::default()),
             waker: AtomicWaker::new(),
             user,
@@ -146,7 +152,7 @@ impl Outbox {
             // The socket's writer is idle and nothing is queued: write now,
             // from this thread, and wake nobody if the kernel takes it all.
             // Holding the lock keeps the socket task from writing meanwhile.
-            match self.send_now(&bytes) {
+            match send_now(q.fd, &bytes) {
                 Some(n) if n == bytes.len() => return,
                 Some(n) => bytes.advance(n),
                 None => {}
@@ -206,34 +212,42 @@ impl Outbox {
         }
     }
 
-    /// The socket is closing its descriptor: never write to it again.
-    pub fn detach(&self) {
-        self.lock().gone = true;
+    /// The upgraded socket: from now on an idle writer lets publishers
+    /// write to it directly.
+    pub fn attach(&self, fd: RawFd) {
+        self.lock().fd = fd;
     }
 
-    /// One non-blocking `send` on the socket; `None` when it took nothing
-    /// (full, or broken: the socket task finds out and closes).
-    fn send_now(&self, bytes: &[u8]) -> Option<usize> {
-        if self.fd < 0 {
-            return None;
-        }
-        // SAFETY: `fd` is open: the socket task calls `detach` under this
-        // same lock before closing it, and `push_inner` checked `gone`.
-        let n = unsafe {
-            libc::send(
-                self.fd,
-                bytes.as_ptr().cast(),
-                bytes.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        (n > 0).then_some(n as usize)
+    /// The socket is closing its descriptor: never write to it again.
+    pub fn detach(&self) {
+        let mut q = self.lock();
+        q.gone = true;
+        q.fd = -1;
     }
 
     /// Wakes `waker` when something is queued (checked by the next drain).
     pub fn register(&self, waker: &std::task::Waker) {
         self.waker.register(waker);
     }
+}
+
+/// One non-blocking `send` on a socket; `None` when it took nothing (full,
+/// broken, or no socket yet: the frame is queued and the task deals with it).
+fn send_now(fd: RawFd, bytes: &[u8]) -> Option<usize> {
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the caller holds the outbox lock, and the socket task clears
+    // `fd` under that lock (`detach`) before it closes the descriptor.
+    let n = unsafe {
+        libc::send(
+            fd,
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    (n > 0).then_some(n as usize)
 }
 
 /// The sockets open on one conversation, and which users they belong to.

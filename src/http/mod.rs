@@ -184,7 +184,7 @@ pub async fn handle(mut req: Request<Incoming>, shared: Arc<Shared>) -> Response
     let route = route(req.uri().path());
     let result = match route {
         Route::Chat(_) | Route::Notifications | Route::UnknownSocket => {
-            upgrade::upgrade(&mut req, route, &shared)
+            upgrade::upgrade(&mut req, route, &shared).await
         }
         Route::NotFound => Err(ApiError::not_found("no such endpoint")),
         Route::Healthz => Ok(rest::healthz(&shared)),

@@ -2,7 +2,6 @@
 //! Part B/D's order: token (401), path (404), conversation (404),
 //! participant (403), `after` (400); then capacity (503) and the handshake.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
@@ -16,44 +15,24 @@ use crate::auth::{self, AuthError};
 use crate::server::Shared;
 use crate::ws::{self, Session, Topic};
 
-pub fn upgrade(
+pub async fn upgrade(
     req: &mut Request<Incoming>,
     route: Route,
     shared: &Arc<Shared>,
 ) -> Result<Response<Body>, ApiError> {
-    let result = check(req, route, shared);
-    let (session, offered_bearer) = match result {
-        Ok(ok) => ok,
-        Err(e) => {
-            shared
-                .metrics
-                .refused
-                .get_or_create(&crate::metrics::Status {
-                    status: e.status.as_u16(),
-                })
-                .inc();
-            return Err(e);
-        }
+    let refused = |e: ApiError| {
+        let status = crate::metrics::Status {
+            status: e.status.as_u16(),
+        };
+        shared.metrics.refused.get_or_create(&status).inc();
+        e
     };
+    let (session, offered_bearer) = check(req, route, shared).map_err(refused)?;
     if !fastwebsockets::upgrade::is_upgrade_request(req) {
         return Err(ApiError::new(
             StatusCode::UPGRADE_REQUIRED,
             "upgrade_required",
             "this path is a WebSocket endpoint",
-        ));
-    }
-    // Count the socket now, so the cap holds even while upgrades are in flight.
-    if shared.sockets.fetch_add(1, Ordering::AcqRel) >= shared.config.max_connections {
-        shared.sockets.fetch_sub(1, Ordering::AcqRel);
-        shared
-            .metrics
-            .refused
-            .get_or_create(&crate::metrics::Status { status: 503 })
-            .inc();
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "too many open connections; retry later",
         ));
     }
     // Take hyper's upgrade handle first: fastwebsockets then only checks the
@@ -63,13 +42,25 @@ pub fn upgrade(
     let response = match fastwebsockets::upgrade::upgrade(&mut *req) {
         Ok((response, _unused)) => response,
         Err(e) => {
-            shared.sockets.fetch_sub(1, Ordering::AcqRel);
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "bad_handshake",
                 e.to_string(),
-            ));
+            ))
         }
+    };
+    // Subscribed (and replayed) before the 101 goes out: a client that has
+    // its 101 sees every event accepted after it.
+    let sub = match ws::Subscription::join(session, shared).await {
+        Ok(sub) => sub,
+        Err(ws::JoinError::Full) => {
+            return Err(refused(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "too many open connections; retry later",
+            )))
+        }
+        Err(ws::JoinError::Store(e)) => return Err(e.into()),
     };
     let (mut parts, _) = response.into_parts();
     if offered_bearer {
@@ -77,28 +68,21 @@ pub fn upgrade(
             .headers
             .insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("bearer"));
     }
-    let shared = shared.clone();
     tokio::spawn(async move {
-        let upgraded = match on_upgrade.await {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::debug!("upgrade did not complete: {e}");
-                shared.sockets.fetch_sub(1, Ordering::AcqRel);
-                return;
-            }
-        };
-        match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(p) => {
-                let early = p.read_buf.to_vec();
-                // `read_buf` points into hyper's connection buffer: drop it
-                // now or it keeps that buffer alive for the socket's life.
-                drop(p.read_buf);
-                ws::open(p.io.into_inner(), early, session, shared).await
-            }
-            Err(_) => {
-                tracing::error!("upgraded connection is not a TcpStream");
-                shared.sockets.fetch_sub(1, Ordering::AcqRel);
-            }
+        // Until `open`, frames for this socket queue in its outbox; if the
+        // upgrade fails, dropping `sub` leaves the hub again.
+        match on_upgrade.await {
+            Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
+                Ok(p) => {
+                    let early = p.read_buf.to_vec();
+                    // `read_buf` points into hyper's connection buffer: drop
+                    // it now or it keeps that buffer alive for the socket's life.
+                    drop(p.read_buf);
+                    ws::open(p.io.into_inner(), early, sub);
+                }
+                Err(_) => tracing::error!("upgraded connection is not a TcpStream"),
+            },
+            Err(e) => tracing::debug!("upgrade did not complete: {e}"),
         }
     });
     Ok(Response::from_parts(parts, Body::default()))

@@ -33,7 +33,7 @@ use tokio::sync::mpsc::OwnedPermit;
 use crate::hub::{Closing, Outbox};
 use crate::metrics::Kind;
 use crate::protocol::{self, Command, Rejection};
-use crate::sequencer::{ChatOp, Request, Resume};
+use crate::sequencer::{ChatOp, Request, Resume, WriteError};
 use crate::server::{Shared, GOING_AWAY};
 use frame::{close, OpCode, Violation};
 
@@ -67,84 +67,110 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Bytes read per wake-up before yielding to other sockets.
 const READ_BUDGET: usize = 256 * 1024;
 
-/// Joins the hub (replaying first when resuming) and runs the socket as its
-/// own small task. The task that called this ends, so the HTTP phase's
-/// state is gone before the socket's long idle life starts.
-pub async fn open(stream: TcpStream, early: Vec<u8>, session: Session, shared: Arc<Shared>) {
-    use std::os::fd::AsRawFd;
-    let outbox = Outbox::for_socket(
-        session.user.clone(),
-        shared.config.max_outbound_bytes,
-        stream.as_raw_fd(),
-    );
-    shared
-        .metrics
-        .sockets
-        .get_or_create(&Kind {
+/// A socket's place in the hub, taken before its 101 is sent so that a
+/// client that has its 101 misses nothing. Dropping it leaves the hub and
+/// gives back the connection slot.
+pub struct Subscription {
+    topic: Topic,
+    outbox: Arc<Outbox>,
+    shared: Arc<Shared>,
+}
+
+/// Why a socket could not be subscribed.
+#[derive(Debug)]
+pub enum JoinError {
+    /// `--max-connections` sockets are open.
+    Full,
+    /// The resume replay could not be read.
+    Store(WriteError),
+}
+
+impl Subscription {
+    /// Takes a connection slot and joins the hub: directly, or through the
+    /// sequencer when resuming, so the replay and the live stream meet with
+    /// no gap.
+    pub async fn join(session: Session, shared: &Arc<Shared>) -> Result<Subscription, JoinError> {
+        if shared.sockets.fetch_add(1, Ordering::AcqRel) >= shared.config.max_connections {
+            shared.sockets.fetch_sub(1, Ordering::AcqRel);
+            return Err(JoinError::Full);
+        }
+        let kind = Kind {
             kind: session.topic.kind(),
-        })
-        .inc();
-    // From here on `Conn`'s drop undoes the join and the counts.
+        };
+        shared.metrics.sockets.get_or_create(&kind).inc();
+        let sub = Subscription {
+            topic: session.topic,
+            outbox: Outbox::new(session.user, shared.config.max_outbound_bytes),
+            shared: shared.clone(),
+        };
+        let outbox = sub.outbox.clone();
+        let resumed = match (session.topic, session.resume) {
+            (Topic::Chat(id), None) => {
+                shared.hub.join(id.get(), &outbox);
+                Ok(())
+            }
+            (Topic::Notifications, None) => {
+                shared.hub.listen(&outbox);
+                Ok(())
+            }
+            (Topic::Chat(conversation), Some(after_seq)) => {
+                shared
+                    .sequencer
+                    .ask(|reply| {
+                        Request::Resume(Resume::Chat {
+                            conversation: conversation.get(),
+                            after_seq,
+                            outbox,
+                            reply,
+                        })
+                    })
+                    .await
+            }
+            (Topic::Notifications, Some(after)) => {
+                shared
+                    .sequencer
+                    .ask(|reply| Request::Resume(Resume::Notifications { after, outbox, reply }))
+                    .await
+            }
+        };
+        // On error `sub` drops here and undoes whatever was done.
+        resumed.map(|()| sub).map_err(JoinError::Store)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.outbox.detach();
+        match self.topic {
+            Topic::Chat(id) => self.shared.hub.leave(id.get(), &self.outbox),
+            Topic::Notifications => self.shared.hub.unlisten(&self.outbox),
+        }
+        let kind = Kind {
+            kind: self.topic.kind(),
+        };
+        self.shared.metrics.sockets.get_or_create(&kind).dec();
+        self.shared.sockets.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Runs the upgraded socket as its own small task. The caller's task ends,
+/// so the HTTP phase's state is gone before the socket's long idle life.
+pub fn open(stream: TcpStream, early: Vec<u8>, sub: Subscription) {
+    use std::os::fd::AsRawFd;
+    sub.outbox.attach(stream.as_raw_fd());
+    let rate = sub.shared.config.rate_limit;
     let conn = Conn {
         stream,
-        outbox,
-        shared,
-        topic: session.topic,
+        sub,
         rbuf: early,
         fragments: None,
         sending: SmallVec::new(),
         blocked: None,
         grace: None,
-        bucket: None,
+        bucket: (rate > 0).then(|| Box::new((rate as f64, Instant::now()))),
         flags: Flags::default(),
     };
-    let mut conn = conn;
-    if !join(&session, &conn.outbox, &conn.shared).await {
-        return;
-    }
-    if conn.shared.config.rate_limit > 0 {
-        conn.bucket = Some(Box::new((conn.shared.config.rate_limit as f64, Instant::now())));
-    }
     tokio::spawn(conn);
-}
-
-/// Subscribes the socket: directly, or through the sequencer when it
-/// resumes, so the replay and the live stream meet with no gap.
-async fn join(session: &Session, outbox: &Arc<Outbox>, shared: &Shared) -> bool {
-    let outbox = outbox.clone();
-    let r = match (session.topic, session.resume) {
-        (Topic::Chat(id), None) => {
-            shared.hub.join(id.get(), &outbox);
-            return true;
-        }
-        (Topic::Notifications, None) => {
-            shared.hub.listen(&outbox);
-            return true;
-        }
-        (Topic::Chat(conversation), Some(after_seq)) => {
-            shared
-                .sequencer
-                .ask(|reply| {
-                    Request::Resume(Resume::Chat {
-                        conversation: conversation.get(),
-                        after_seq,
-                        outbox,
-                        reply,
-                    })
-                })
-                .await
-        }
-        (Topic::Notifications, Some(after)) => {
-            shared
-                .sequencer
-                .ask(|reply| Request::Resume(Resume::Notifications { after, outbox, reply }))
-                .await
-        }
-    };
-    if let Err(e) = &r {
-        tracing::error!("resume failed: {e}");
-    }
-    r.is_ok()
 }
 
 #[derive(Default)]
@@ -181,9 +207,7 @@ struct Blocked {
 /// An open socket, and the future of its task.
 pub struct Conn {
     stream: TcpStream,
-    outbox: Arc<Outbox>,
-    shared: Arc<Shared>,
-    topic: Topic,
+    sub: Subscription,
     /// Bytes received but not yet decoded; unallocated when idle.
     rbuf: Vec<u8>,
     fragments: Option<Box<Fragments>>,
@@ -215,20 +239,9 @@ impl Future for Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        // Before `stream` (and its descriptor) is dropped with the fields.
-        self.outbox.detach();
-        match self.topic {
-            Topic::Chat(id) => self.shared.hub.leave(id.get(), &self.outbox),
-            Topic::Notifications => self.shared.hub.unlisten(&self.outbox),
-        }
-        self.shared
-            .metrics
-            .sockets
-            .get_or_create(&Kind {
-                kind: self.topic.kind(),
-            })
-            .dec();
-        self.shared.sockets.fetch_sub(1, Ordering::AcqRel);
+        // Before the fields drop and `stream` closes the descriptor: no
+        // publisher may write to it (or to whatever reuses its number) after.
+        self.sub.outbox.detach();
     }
 }
 
@@ -251,12 +264,12 @@ impl Conn {
                     }
                     Poll::Ready(Err(_)) => {
                         self.blocked = None;
-                        self.outbox.close(GOING_AWAY);
+                        self.sub.outbox.close(GOING_AWAY);
                     }
                     Poll::Pending => {}
                 }
             }
-            self.outbox.register(cx.waker());
+            self.sub.outbox.register(cx.waker());
             self.flush()?;
             if self.flags.done {
                 return Poll::Ready(Ok(()));
@@ -304,13 +317,13 @@ impl Conn {
                     // Nothing may follow our close frame.
                     return Ok(());
                 }
-                let drained = self.outbox.drain();
+                let drained = self.sub.outbox.drain();
                 self.sending = drained.frames;
                 if let Some(c) = drained.closing {
                     self.flags.close_queued = true;
                     self.flags.closing = true;
                     if c == crate::hub::SLOW_CONSUMER {
-                        self.shared.metrics.slow_consumers.inc();
+                        self.sub.shared.metrics.slow_consumers.inc();
                     }
                     let mut b = BytesMut::with_capacity(128);
                     frame::put_close(&mut b, c.code, c.reason);
@@ -330,7 +343,7 @@ impl Conn {
                 }
             };
             self.consume(n);
-            if self.sending.is_empty() && !self.flags.close_queued && self.outbox.release() {
+            if self.sending.is_empty() && !self.flags.close_queued && self.sub.outbox.release() {
                 return Ok(());
             }
         }
@@ -369,7 +382,7 @@ impl Conn {
                 }
                 Ok(n) => {
                     if got == 0 {
-                        self.outbox.heard();
+                        self.sub.outbox.heard();
                     }
                     got += n;
                     if got >= READ_BUDGET {
@@ -390,7 +403,7 @@ impl Conn {
     /// Decodes and handles every whole frame in the read buffer, up to a
     /// command that must wait for the sequencer.
     fn dispatch(&mut self) {
-        let max = self.shared.config.max_frame_bytes;
+        let max = self.sub.shared.config.max_frame_bytes;
         let mut pos = 0;
         while !self.flags.done && !self.flags.poisoned && self.blocked.is_none() {
             let mut needed = 0;
@@ -425,7 +438,7 @@ impl Conn {
     }
 
     fn violate(&mut self, v: Violation) {
-        self.outbox.close(Closing {
+        self.sub.outbox.close(Closing {
             code: v.code,
             reason: v.reason,
         });
@@ -461,7 +474,7 @@ impl Conn {
                 } else {
                     close::PROTOCOL_ERROR
                 };
-                self.outbox.close(Closing { code, reason: "" });
+                self.sub.outbox.close(Closing { code, reason: "" });
                 self.flags.closing = true;
                 self.flags.peer_closed = true;
                 Ok(())
@@ -469,7 +482,7 @@ impl Conn {
             OpCode::Ping => {
                 let mut b = BytesMut::with_capacity(payload.len() + 2);
                 frame::put_frame(&mut b, OpCode::Pong, &self.rbuf[payload]);
-                self.outbox.push(b.freeze());
+                self.sub.outbox.push(b.freeze());
                 Ok(())
             }
             OpCode::Pong => Ok(()),
@@ -499,7 +512,7 @@ impl Conn {
                         reason: "continuation without a message",
                     });
                 };
-                if fr.data.len() + payload.len() > self.shared.config.max_frame_bytes {
+                if fr.data.len() + payload.len() > self.sub.shared.config.max_frame_bytes {
                     return Err(Violation {
                         code: close::TOO_BIG,
                         reason: "message larger than the limit",
@@ -524,7 +537,7 @@ impl Conn {
                 reason: "text frame is not valid UTF-8",
             });
         }
-        let Topic::Chat(conversation) = self.topic else {
+        let Topic::Chat(conversation) = self.sub.topic else {
             self.reject(&protocol::UNKNOWN_TYPE_NOTIFICATIONS);
             return Ok(());
         };
@@ -536,7 +549,7 @@ impl Conn {
             self.reject(&protocol::RATE_LIMITED);
             return Ok(());
         }
-        let op = match protocol::parse_command(data, self.shared.config.max_message_chars) {
+        let op = match protocol::parse_command(data, self.sub.shared.config.max_message_chars) {
             Ok(Command::Send { text }) => ChatOp::Send(text.into()),
             Ok(Command::Edit { id, content }) => ChatOp::Edit(id.unwrap_or_default(), content.into()),
             Ok(Command::Delete { id }) => ChatOp::Delete(id.unwrap_or_default()),
@@ -547,29 +560,29 @@ impl Conn {
         };
         let request = Request::Chat {
             conversation: conversation.get(),
-            user: self.outbox.user.clone(),
+            user: self.sub.outbox.user.clone(),
             op,
-            outbox: self.outbox.clone(),
+            outbox: self.sub.outbox.clone(),
         };
-        match self.shared.sequencer.try_submit(request) {
+        match self.sub.shared.sequencer.try_submit(request) {
             Ok(()) => {}
             Err(TrySendError::Full(request)) => {
-                let sender = self.shared.sequencer.sender();
+                let sender = self.sub.shared.sequencer.sender();
                 self.blocked = Some(Box::new(Blocked {
                     permit: Box::pin(sender.reserve_owned()),
                     request: Some(request),
                 }));
             }
-            Err(TrySendError::Closed(_)) => self.outbox.close(GOING_AWAY),
+            Err(TrySendError::Closed(_)) => self.sub.outbox.close(GOING_AWAY),
         }
         Ok(())
     }
 
     fn reject(&self, r: &Rejection) {
-        self.shared.metrics.error(r.code.as_str());
+        self.sub.shared.metrics.error(r.code.as_str());
         let mut json = Vec::with_capacity(96);
         protocol::encode_error(&mut json, r);
-        self.outbox.push_text(&json);
+        self.sub.outbox.push_text(&json);
     }
 
     /// `--rate-limit`: a bucket of N frames refilled at N per second.
@@ -578,7 +591,7 @@ impl Conn {
             return true;
         };
         let (tokens, last) = &mut **bucket;
-        let rate = self.shared.config.rate_limit as f64;
+        let rate = self.sub.shared.config.rate_limit as f64;
         let now = Instant::now();
         *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(rate);
         *last = now;
