@@ -48,18 +48,24 @@ pub struct Outbox {
     /// who gets a notification for a chat message.
     pub user: Arc<str>,
     limit: usize,
-    /// When the peer last sent anything, in [`coarse_now`] seconds; the
+    /// When the peer last sent anything, in [`coarse_now`] tenths; the
     /// reaper pings sockets quiet for too long and closes those that stay so.
     last_heard: AtomicU32,
     /// A ping went out in the current quiet spell.
     pinged: AtomicBool,
 }
 
-/// Seconds since the process started: a clock cheap enough to read on every
-/// inbound burst and small enough to keep per socket.
+/// Tenths of a second since the process started: a clock cheap enough to
+/// read on every inbound burst and small enough to keep per socket (it
+/// wraps after 13 years).
 pub fn coarse_now() -> u32 {
     static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_secs() as u32
+    (START.get_or_init(Instant::now).elapsed().as_millis() / 100) as u32
+}
+
+/// A duration in [`coarse_now`] units.
+pub fn tenths(d: std::time::Duration) -> u32 {
+    (d.as_millis() / 100).clamp(1, u32::MAX as u128) as u32
 }
 
 struct Queue {
@@ -118,7 +124,7 @@ impl Outbox {
         !self.pinged.swap(true, Ordering::Relaxed)
     }
 
-    /// Seconds since the peer last sent anything.
+    /// Tenths of a second since the peer last sent anything.
     pub fn quiet_for(&self) -> u32 {
         coarse_now().saturating_sub(self.last_heard.load(Ordering::Relaxed))
     }
@@ -159,8 +165,9 @@ impl Outbox {
             }
         }
         if !unbounded && q.bytes + bytes.len() > self.limit {
-            q.frames = SmallVec::new();
-            q.bytes = 0;
+            // What is queued stays (it may finish a frame already half
+            // written) and is bounded by the limit; this frame and all later
+            // ones are dropped, and the close follows the queue.
             q.closing = Some(SLOW_CONSUMER);
         } else {
             q.bytes += bytes.len();

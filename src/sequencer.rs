@@ -31,6 +31,8 @@ use crate::ws::frame::{self, OpCode};
 const MAX_GROUP: usize = 1024;
 /// Requests waiting for the writer; senders wait beyond it (backpressure).
 const QUEUE: usize = 16 * 1024;
+/// Ids reserved at a time in `interval` mode (see `Writer::reserve`).
+const ID_BLOCK: u64 = 10_000;
 /// Conversations whose participant lists are kept in memory.
 const PARTICIPANT_CACHE: usize = 100_000;
 
@@ -132,6 +134,7 @@ impl Sequencer {
             durability,
             max_replay,
             counters,
+            reserved: counters,
             participants: HashMap::new(),
             scratch: Vec::with_capacity(1024),
             out: Outgoing::default(),
@@ -172,6 +175,8 @@ struct Writer {
     durability: Durability,
     max_replay: usize,
     counters: Counters,
+    /// Ids below these may have been shown; see `reserve`.
+    reserved: Counters,
     participants: HashMap<u64, Arc<[Arc<str>]>>,
     /// Reused for encoding each event's JSON.
     scratch: Vec<u8>,
@@ -290,9 +295,37 @@ impl Writer {
     }
 
     fn commit(&mut self, change: Change<'_>, next: Counters) -> Result<(), StoreError> {
+        self.reserve(&next)?;
         self.store.commit(change, &next)?;
         self.counters = next;
         self.out.writes += 1;
+        Ok(())
+    }
+
+    /// In `interval` mode a crash loses the last writes, and with them the
+    /// counters that issued ids clients may already have seen. So ids are
+    /// reserved in blocks, durably, before they are used: after a crash,
+    /// counting resumes above every id that could have been shown.
+    fn reserve(&mut self, next: &Counters) -> Result<(), StoreError> {
+        if self.durability == Durability::Sync {
+            return Ok(()); // every issued id is flushed before it is shown
+        }
+        let r = &self.reserved;
+        if next.conversation <= r.conversation
+            && next.message <= r.message
+            && next.notification <= r.notification
+            && next.event <= r.event
+        {
+            return Ok(());
+        }
+        let reserved = Counters {
+            conversation: next.conversation + ID_BLOCK,
+            message: next.message + ID_BLOCK,
+            notification: next.notification + ID_BLOCK,
+            event: next.event + ID_BLOCK,
+        };
+        self.store.reserve(&reserved)?;
+        self.reserved = reserved;
         Ok(())
     }
 
@@ -385,6 +418,7 @@ impl Writer {
                 });
             }
         }
+        self.reserve(&next)?;
         let scratch = std::mem::take(&mut self.scratch);
         let r = self.store.commit(
             Change::Chat {

@@ -157,9 +157,11 @@ async fn reap_idle(shared: Arc<Shared>, interval: Duration, shutdown: Cancellati
         code: close::GOING_AWAY,
         reason: "no answer to ping",
     };
-    let ping_after = interval.as_secs().max(1) as u32;
-    let give_up_after = ping_after + shared.config.ping_timeout.as_secs().max(1) as u32;
-    let tick = Duration::from_secs(u64::from(ping_after.min(give_up_after - ping_after)).clamp(1, 5));
+    let ping_after = crate::hub::tenths(interval);
+    let give_up_after = ping_after + crate::hub::tenths(shared.config.ping_timeout);
+    // Fine enough that a deadline is kept to within a fifth of it.
+    let tick = (interval.min(shared.config.ping_timeout) / 5)
+        .clamp(Duration::from_millis(100), Duration::from_secs(5));
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let ping = Bytes::from_static(b"\x89\x00");

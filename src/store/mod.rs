@@ -124,7 +124,10 @@ pub struct Replay<T> {
 }
 
 pub trait Store: Send + Sync + 'static {
+    /// Where counting resumes: above every id issued or reserved.
     fn counters(&self) -> Result<Counters>;
+    /// Durably reserves ids up to `upto` (flushed before it returns).
+    fn reserve(&self, upto: &Counters) -> Result<()>;
 
     fn conversation(&self, id: u64) -> Result<Option<Conversation>>;
     fn conversation_exists(&self, id: u64) -> Result<bool>;
@@ -154,6 +157,6 @@ pub trait Store: Send + Sync + 'static {
     fn commit(&self, change: Change<'_>, counters: &Counters) -> Result<()>;
     /// Makes every committed change durable.
     fn sync(&self) -> Result<()>;
-    /// Whether writes currently succeed (for `/healthz`).
+    /// Whether the store is working (for `/healthz`).
     fn writable(&self) -> bool;
 }

@@ -4,6 +4,7 @@
 //! | key | value |
 //! | --- | --- |
 //! | `k` | [`Counters`], 4 × u64 |
+//! | `K` | ids reserved (interval mode), 4 × u64 |
 //! | `c` conv | [`Conversation`] |
 //! | `p` conv user | participant marker |
 //! | `u` user 0 conv | the user's conversations |
@@ -24,6 +25,7 @@ use serde::de::DeserializeOwned;
 use super::*;
 
 const COUNTERS: &[u8] = b"k";
+const RESERVED: &[u8] = b"K";
 const CONVERSATION: u8 = b'c';
 const PARTICIPANT: u8 = b'p';
 const USER_CONVERSATION: u8 = b'u';
@@ -34,8 +36,15 @@ const UNREAD: u8 = b'r';
 const OWNER: u8 = b'o';
 
 pub struct SledStore {
-    db: sled::Db,
-    tree: sled::Tree,
+    /// `ManuallyDrop`: a failed instance is leaked at exit, because sled's
+    /// drop flushes and a flush after an I/O error waits forever.
+    db: std::mem::ManuallyDrop<sled::Db>,
+    tree: std::mem::ManuallyDrop<sled::Tree>,
+    /// False after a write or flush failed. sled 0.34 keeps its first I/O
+    /// error (a full disk) for good, and dropping a failed instance blocks,
+    /// so the store stays failed until parley restarts: reads are refused
+    /// too, so that a write refused to its client is never shown by a read
+    /// (it was never flushed, and sled's recovery leaves it out).
     healthy: AtomicBool,
 }
 
@@ -109,36 +118,52 @@ fn event_from(k: &[u8], v: sled::IVec) -> Result<LoggedEvent> {
     })
 }
 
+fn open_handle(dir: &std::path::Path, flush_every_ms: Option<u64>) -> Result<(sled::Db, sled::Tree)> {
+    let db = sled::Config::new()
+        .path(dir.join("db"))
+        .flush_every_ms(flush_every_ms)
+        .mode(sled::Mode::HighThroughput)
+        .open()
+        .map_err(|e| {
+            let text = e.to_string();
+            if text.contains("could not acquire lock") {
+                StoreError::Open(format!(
+                    "the data dir {} is in use by another parley (or another process holds its lock)",
+                    dir.display()
+                ))
+            } else {
+                StoreError::Open(format!("cannot open the store in {}: {text}", dir.display()))
+            }
+        })?;
+    let tree = db.open_tree("parley").map_err(io)?;
+    Ok((db, tree))
+}
+
 impl SledStore {
     /// Opens (or creates) the store. `flush_every` is sled's own background
     /// flush period: `None` in `sync` mode, where the sequencer flushes.
     pub fn open(dir: &std::path::Path, flush_every_ms: Option<u64>) -> Result<SledStore> {
-        let db = sled::Config::new()
-            .path(dir.join("db"))
-            .flush_every_ms(flush_every_ms)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|e| {
-                let text = e.to_string();
-                if text.contains("could not acquire lock") {
-                    StoreError::Open(format!(
-                        "the data dir {} is in use by another parley (or another process holds its lock)",
-                        dir.display()
-                    ))
-                } else {
-                    StoreError::Open(format!("cannot open the store in {}: {text}", dir.display()))
-                }
-            })?;
-        let tree = db.open_tree("parley").map_err(io)?;
+        let (db, tree) = open_handle(dir, flush_every_ms)?;
         Ok(SledStore {
-            db,
-            tree,
+            db: std::mem::ManuallyDrop::new(db),
+            tree: std::mem::ManuallyDrop::new(tree),
             healthy: AtomicBool::new(true),
         })
     }
 
+    /// The tree, while the store is healthy.
+    fn tree(&self) -> Result<&sled::Tree> {
+        if self.healthy.load(Ordering::Relaxed) {
+            Ok(&self.tree)
+        } else {
+            Err(StoreError::Io(
+                "the store failed to write (disk full?); restart parley once it is fixed".into(),
+            ))
+        }
+    }
+
     fn get<T: DeserializeOwned>(&self, k: &[u8]) -> Result<Option<T>> {
-        match self.tree.get(k).map_err(io)? {
+        match self.tree()?.get(k).map_err(io)? {
             Some(v) => decode(&v).map(Some),
             None => Ok(None),
         }
@@ -152,16 +177,23 @@ impl SledStore {
 
 impl Store for SledStore {
     fn counters(&self) -> Result<Counters> {
-        Ok(match self.tree.get(COUNTERS).map_err(io)? {
-            Some(v) if v.len() == 32 => Counters {
-                conversation: tail_id(&v[..8]),
-                message: tail_id(&v[..16]),
-                notification: tail_id(&v[..24]),
-                event: tail_id(&v[..32]),
-            },
-            Some(_) => return Err(StoreError::Corrupt("counters".into())),
-            None => Counters::default(),
+        let issued = self.read_counters(COUNTERS)?;
+        let reserved = self.read_counters(RESERVED)?;
+        Ok(Counters {
+            conversation: issued.conversation.max(reserved.conversation),
+            message: issued.message.max(reserved.message),
+            notification: issued.notification.max(reserved.notification),
+            event: issued.event.max(reserved.event),
         })
+    }
+
+    fn reserve(&self, upto: &Counters) -> Result<()> {
+        let r = self
+            .tree()?
+            .insert(RESERVED, &counters_bytes(upto)[..])
+            .map(|_| ());
+        self.track(r)?;
+        self.sync()
     }
 
     fn conversation(&self, id: u64) -> Result<Option<Conversation>> {
@@ -169,20 +201,20 @@ impl Store for SledStore {
     }
 
     fn conversation_exists(&self, id: u64) -> Result<bool> {
-        self.tree
+        self.tree()?
             .contains_key(&id_key(CONVERSATION, id, 0)[..9])
             .map_err(io)
     }
 
     fn is_participant(&self, conversation: u64, user: &str) -> Result<bool> {
         let k = key(PARTICIPANT, &[&conversation.to_be_bytes(), user.as_bytes()]);
-        self.tree.contains_key(k).map_err(io)
+        self.tree()?.contains_key(k).map_err(io)
     }
 
     fn conversations_of(&self, user: &str) -> Result<Vec<Conversation>> {
         let prefix = key(USER_CONVERSATION, &[user.as_bytes(), &[0]]);
         let mut out = Vec::new();
-        for kv in self.tree.scan_prefix(&prefix) {
+        for kv in self.tree()?.scan_prefix(&prefix) {
             let (k, _) = kv.map_err(io)?;
             if let Some(c) = self.conversation(tail_id(&k))? {
                 out.push(c);
@@ -199,7 +231,7 @@ impl Store for SledStore {
         let start = id_key(MESSAGE, conversation, 0);
         let end = id_key(MESSAGE, conversation, before.unwrap_or(u64::MAX));
         let mut items = Vec::with_capacity(limit + 1);
-        for kv in self.tree.range(start..end).rev() {
+        for kv in self.tree()?.range(start..end).rev() {
             let (_, v) = kv.map_err(io)?;
             let m: Message = decode(&v)?;
             if m.deleted {
@@ -218,7 +250,7 @@ impl Store for SledStore {
         let end = id_key(EVENT, conversation, u64::MAX);
         let mut newest_first = Vec::with_capacity(max.min(1024) + 1);
         let mut truncated_after = None;
-        let mut range = self.tree.range(start..end).rev();
+        let mut range = self.tree()?.range(start..end).rev();
         for kv in range.by_ref() {
             let (k, v) = kv.map_err(io)?;
             if newest_first.len() == max {
@@ -254,7 +286,7 @@ impl Store for SledStore {
     }
 
     fn notification(&self, id: u64) -> Result<Option<Notification>> {
-        let Some(owner) = self.tree.get(&id_key(OWNER, id, 0)[..9]).map_err(io)? else {
+        let Some(owner) = self.tree()?.get(&id_key(OWNER, id, 0)[..9]).map_err(io)? else {
             return Ok(None);
         };
         let owner = std::str::from_utf8(&owner).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -272,7 +304,7 @@ impl Store for SledStore {
         let start = user_key(prefix, user, 0);
         let end = user_key(prefix, user, before.unwrap_or(u64::MAX));
         let mut items = Vec::with_capacity(limit + 1);
-        for kv in self.tree.range(start..end).rev().take(limit + 1) {
+        for kv in self.tree()?.range(start..end).rev().take(limit + 1) {
             let (k, v) = kv.map_err(io)?;
             let n = if unread_only {
                 self.get(&user_key(NOTIFICATION, user, tail_id(&k)))?
@@ -287,7 +319,7 @@ impl Store for SledStore {
 
     fn unread(&self, user: &str) -> Result<Vec<u64>> {
         let prefix = key(UNREAD, &[user.as_bytes(), &[0]]);
-        self.tree
+        self.tree()?
             .scan_prefix(prefix)
             .keys()
             .map(|k| k.map(|k| tail_id(&k)).map_err(io))
@@ -299,7 +331,7 @@ impl Store for SledStore {
         let end = user_key(NOTIFICATION, user, u64::MAX);
         let mut newest_first: Vec<Notification> = Vec::new();
         let mut truncated_after = None;
-        for kv in self.tree.range(start..end).rev() {
+        for kv in self.tree()?.range(start..end).rev() {
             let (k, v) = kv.map_err(io)?;
             if newest_first.len() == max {
                 truncated_after = Some(tail_id(&k));
@@ -316,12 +348,7 @@ impl Store for SledStore {
 
     fn commit(&self, change: Change<'_>, counters: &Counters) -> Result<()> {
         let mut batch = sled::Batch::default();
-        let mut c = [0u8; 32];
-        c[..8].copy_from_slice(&counters.conversation.to_be_bytes());
-        c[8..16].copy_from_slice(&counters.message.to_be_bytes());
-        c[16..24].copy_from_slice(&counters.notification.to_be_bytes());
-        c[24..].copy_from_slice(&counters.event.to_be_bytes());
-        batch.insert(COUNTERS, &c[..]);
+        batch.insert(COUNTERS, &counters_bytes(counters)[..]);
         match change {
             Change::Conversation(conv) => {
                 batch.insert(&id_key(CONVERSATION, conv.id, 0)[..9], encode(conv));
@@ -352,11 +379,13 @@ impl Store for SledStore {
             }
             Change::Notifications(ns) => put_notifications(&mut batch, ns),
         }
-        let r = self.tree.apply_batch(batch);
+        let r = self.tree()?.apply_batch(batch);
         self.track(r)
     }
 
     fn sync(&self) -> Result<()> {
+        // A flush after an I/O error never returns in sled 0.34.
+        self.tree()?;
         let r = self.db.flush().map(|_| ());
         self.track(r)
     }
@@ -366,13 +395,47 @@ impl Store for SledStore {
     }
 }
 
+impl Drop for SledStore {
+    fn drop(&mut self) {
+        if self.healthy.load(Ordering::Relaxed) {
+            // SAFETY: dropped once, here, and never used again.
+            unsafe {
+                std::mem::ManuallyDrop::drop(&mut self.tree);
+                std::mem::ManuallyDrop::drop(&mut self.db);
+            }
+        }
+    }
+}
+
+fn counters_bytes(c: &Counters) -> [u8; 32] {
+    let mut b = [0u8; 32];
+    b[..8].copy_from_slice(&c.conversation.to_be_bytes());
+    b[8..16].copy_from_slice(&c.message.to_be_bytes());
+    b[16..24].copy_from_slice(&c.notification.to_be_bytes());
+    b[24..].copy_from_slice(&c.event.to_be_bytes());
+    b
+}
+
 impl SledStore {
+    fn read_counters(&self, key: &[u8]) -> Result<Counters> {
+        Ok(match self.tree()?.get(key).map_err(io)? {
+            Some(v) if v.len() == 32 => Counters {
+                conversation: tail_id(&v[..8]),
+                message: tail_id(&v[..16]),
+                notification: tail_id(&v[..24]),
+                event: tail_id(&v[..32]),
+            },
+            Some(_) => return Err(StoreError::Corrupt("counters".into())),
+            None => Counters::default(),
+        })
+    }
+
     /// The newest message created at or before `seq` (0: none), for a
     /// truncated replay whose window starts right after the resume point.
     fn message_created_at_or_before(&self, conversation: u64, seq: u64) -> Result<u64> {
         let start = id_key(EVENT, conversation, 0);
         let end = id_key(EVENT, conversation, seq.saturating_add(1));
-        for kv in self.tree.range(start..end).rev() {
+        for kv in self.tree()?.range(start..end).rev() {
             let (k, v) = kv.map_err(io)?;
             let e = event_from(&k, v)?;
             if e.kind == EventKind::Created {

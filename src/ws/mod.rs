@@ -274,14 +274,22 @@ impl Conn {
             if self.flags.done {
                 return Poll::Ready(Ok(()));
             }
-            if self.flags.close_queued && self.sending.is_empty() {
-                if self.flags.peer_closed {
+            if self.flags.close_queued {
+                if self.flags.peer_closed && self.sending.is_empty() {
                     return Poll::Ready(Ok(()));
                 }
+                // From the moment we decide to close, the peer has CLOSE_GRACE
+                // to take what is queued and answer; a peer that reads nothing
+                // (a slow consumer) is dropped then, queue and all.
                 let grace = self
                     .grace
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(CLOSE_GRACE)));
                 if grace.as_mut().poll(cx).is_ready() {
+                    if !self.sending.is_empty() {
+                        // Frames are stuck half-sent: end with a reset, so
+                        // the peer cannot take a cut frame for a clean end.
+                        self.reset_on_close();
+                    }
                     return Poll::Ready(Ok(()));
                 }
             }
@@ -307,6 +315,25 @@ impl Conn {
         }
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+
+    /// Makes the close that follows a TCP reset (SO_LINGER 0) instead of a FIN.
+    fn reset_on_close(&self) {
+        use std::os::fd::AsRawFd;
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: a valid socket descriptor and a correctly sized option.
+        unsafe {
+            libc::setsockopt(
+                self.stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            );
+        }
     }
 
     /// Writes as much of the outbox as the socket takes without blocking.

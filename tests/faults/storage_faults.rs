@@ -1,0 +1,295 @@
+//! The store cannot be written (a full disk): writes are refused with
+//! `unavailable` / 503 and nothing is broadcast, the server stays up, and it
+//! recovers when space returns. And a second parley on the same data dir
+//! refuses to start.
+
+use std::path::{Path, PathBuf};
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::harness::*;
+use crate::own_server;
+use crate::util::*;
+
+/// A tmpfs mounted for one test, unmounted when dropped (also on panic).
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Tmpfs> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: storage_faults needs root to mount a tmpfs");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("mount point");
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status();
+        match status {
+            Ok(s) if s.success() => Some(Tmpfs { dir }),
+            other => {
+                eprintln!("skipped: cannot mount a tmpfs ({other:?})");
+                None
+            }
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
+}
+
+fn unavailable(frame: &Value) -> bool {
+    frame["type"] == "error" && frame["code"] == "unavailable"
+}
+
+async fn healthz(server: &Spawned) -> u16 {
+    server.request("GET", "/healthz", None, None).await.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_writes_without_broadcasting_and_a_restart_recovers() {
+    let Some(fs) = Tmpfs::mount("24m") else { return };
+    // Space to give back later.
+    let filler = fs.path().join("filler");
+    std::fs::write(&filler, vec![0u8; 8 << 20]).expect("write filler");
+    let data_dir: PathBuf = fs.path().join("data");
+    let data = data_dir.to_str().unwrap().to_string();
+    if std::env::var_os("PARLEY_TEST_EXTERNAL").is_some() {
+        eprintln!("skipped: needs its own parley");
+        return;
+    }
+    let server = Spawned::start(&data, &["--max-message-chars", "60000"]);
+    let pid = server.child.id();
+    let (alice, bob) = (user("alice"), user("bob"));
+    let (status, body) = server
+        .request(
+            "POST",
+            "/api/conversations/",
+            Some(&server.token(&alice)),
+            Some(json!({"participants": [bob]})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let conv = id_of(&body);
+    let mut a = server.ws_chat(conv, &alice).await;
+    let mut b = server.ws_chat(conv, &bob).await;
+
+    // Fill the disk with big messages until the store refuses.
+    let mut acked = vec![];
+    let mut refused = None;
+    for i in 0..2000 {
+        let text = format!("{i:05} {}", "f".repeat(59_000));
+        send_json(&mut a, &json!({"type": "chat_message", "message": text})).await;
+        let answer = recv_json(&mut a).await;
+        if unavailable(&answer) {
+            assert_error(&answer, "unavailable");
+            refused = Some(i);
+            break;
+        }
+        assert_eq!(answer["content"], text, "{}", answer["type"]);
+        assert_eq!(recv_json(&mut b).await, answer);
+        acked.push(answer);
+    }
+    let refused = refused.expect("the store never filled up");
+    eprintln!(
+        "storage_faults: first `unavailable` after {} stored messages",
+        acked.len()
+    );
+
+    // While full: every chat write is refused on its socket only.
+    for i in 0..3 {
+        send_json(
+            &mut a,
+            &json!({"type": "chat_message", "message": format!("small {i}")}),
+        )
+        .await;
+        let answer = recv_json(&mut a).await;
+        assert!(unavailable(&answer), "a write on a full disk: {answer}");
+    }
+    if let Some(last) = acked.last() {
+        send_json(
+            &mut a,
+            &json!({"type": "edit_message", "message_id": id_of(last), "content": "e".repeat(50_000)}),
+        )
+        .await;
+        let answer = recv_json(&mut a).await;
+        assert!(unavailable(&answer), "an edit on a full disk: {answer}");
+    }
+    expect_silence(&mut b, 500).await;
+    let answer = server
+        .post(
+            "/api/notifications/",
+            &server.service_token(),
+            json!({"user": bob, "message": "x"}),
+        )
+        .await;
+    assert_rest_error(&answer, 503, "unavailable");
+    let answer = server
+        .post(
+            "/api/conversations/",
+            &server.token(&alice),
+            json!({"participants": [bob]}),
+        )
+        .await;
+    assert_rest_error(&answer, 503, "unavailable");
+    assert_eq!(healthz(&server).await, 503, "/healthz on a full disk");
+    assert!(alive(pid), "the server died on a full disk");
+    // Nothing refused is ever shown: a failed store refuses reads too.
+    let mut problems = vec![];
+    let acked_ids: Vec<u64> = acked.iter().map(id_of).collect();
+    // (history answers 503 rather than show a write that was refused)
+    match server.history(conv, &alice).await {
+        Ok(stored) => {
+            let extra: Vec<u64> = stored
+                .iter()
+                .map(id_of)
+                .filter(|id| !acked_ids.contains(id))
+                .collect();
+            if !extra.is_empty() {
+                problems.push(format!(
+                    "writes answered `unavailable` are in history anyway: {extra:?}"
+                ));
+            }
+        }
+        Err(e) => eprintln!("storage_faults: history on a failed store: {e:?}"),
+    }
+
+    // Space returns. sled 0.34 keeps an I/O error for good, so parley stays
+    // failed (and says so) until it is restarted; it must stop promptly.
+    std::fs::remove_file(&filler).expect("remove filler");
+    assert_eq!(healthz(&server).await, 503, "/healthz before the restart");
+    drop(a);
+    drop(b);
+    let started = Instant::now();
+    let mut server = server;
+    unsafe {
+        libc::kill(pid as i32, libc::SIGTERM);
+    }
+    let exited = loop {
+        if let Some(s) = server.child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        exited.is_some(),
+        "a failed parley did not stop within 10 s of SIGTERM"
+    );
+    drop(server);
+
+    // Restarted with space back: it serves, and holds exactly what was acknowledged.
+    let server = Spawned::start(&data, &["--max-message-chars", "60000"]);
+    assert_eq!(healthz(&server).await, 200, "/healthz after the restart");
+    let mut a = server.ws_chat(conv, &alice).await;
+    let mut b = server.ws_chat(conv, &bob).await;
+    send_json(
+        &mut a,
+        &json!({"type": "chat_message", "message": "space is back"}),
+    )
+    .await;
+    let recovered = recv_json(&mut a).await;
+    assert_eq!(recovered["content"], "space is back", "{recovered}");
+    assert_eq!(recv_json(&mut b).await, recovered);
+    let (status, n) = server
+        .request(
+            "POST",
+            "/api/notifications/",
+            Some(&server.service_token()),
+            Some(json!({"user": bob, "message": "back"})),
+        )
+        .await;
+    if status != 201 {
+        problems.push(format!("a REST write after the restart answered {status} {n}"));
+    }
+    match server.history(conv, &alice).await {
+        Ok(mut history) => {
+            history.reverse();
+            let ids: Vec<u64> = history.iter().map(id_of).collect();
+            let mut want = acked_ids.clone();
+            want.push(id_of(&recovered));
+            if ids != want {
+                problems.push(format!(
+                    "after the restart, history ends {:?}, not with the acknowledged {:?}",
+                    &ids[ids.len().saturating_sub(4)..],
+                    &want[want.len().saturating_sub(4)..]
+                ));
+            }
+        }
+        Err(e) => problems.push(format!("history after the restart: {e:?}")),
+    }
+    assert!(
+        problems.is_empty(),
+        "full disk (refused from message #{refused}): {problems:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_second_parley_on_the_same_data_dir_refuses_to_start() {
+    let server = own_server!();
+    let data = data_dir_of(&server);
+    let alice = user("alice");
+    let conv = server.create_conversation(&alice, &[]).await;
+    let mut ws = server.ws_chat(conv, &alice).await;
+
+    let mut second = Command::new(env!("CARGO_BIN_EXE_parley"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data,
+            "--jwt-secret",
+            SECRET,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn a second parley");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = second.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            let out = second.wait_with_output().unwrap();
+            panic!(
+                "a second parley on the same data dir is still running after 10 s; stdout {:?}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = second.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    eprintln!("storage_faults: second parley exited {status}: {}", stderr.trim());
+    assert!(!status.success(), "the second parley exited 0");
+    let lower = stderr.to_lowercase();
+    assert!(
+        stderr.contains(&data) || lower.contains("lock") || lower.contains("in use"),
+        "the message names neither the data dir nor a lock: {stderr:?}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("listening on"),
+        "the second parley announced it was listening"
+    );
+    // The first keeps serving.
+    say(&mut ws, "still serving").await;
+    assert_eq!(server.request("GET", "/healthz", None, None).await.0, 200);
+}
