@@ -159,22 +159,26 @@ pub fn open(stream: TcpStream, early: Vec<u8>, sub: Subscription) {
     use std::os::fd::AsRawFd;
     sub.outbox.attach(stream.as_raw_fd());
     let rate = sub.shared.config.rate_limit;
-    let conn = Conn {
+    let mut conn = Conn {
         stream,
         sub,
-        rbuf: early,
-        fragments: None,
         sending: SmallVec::new(),
-        blocked: None,
-        grace: None,
-        bucket: (rate > 0).then(|| Box::new((rate as f64, Instant::now()))),
+        extra: None,
         flags: Flags::default(),
     };
+    if rate > 0 {
+        conn.extra().bucket = Some((rate as f64, Instant::now()));
+    }
+    if !early.is_empty() {
+        conn.extra().rbuf = early;
+    }
     tokio::spawn(conn);
 }
 
 #[derive(Default)]
 struct Flags {
+    /// The first poll has handled bytes that came with the handshake.
+    started: bool,
     /// A close was asked for: input is ignored but for the peer's close.
     closing: bool,
     /// Our close frame is in `sending` (or written): nothing follows it.
@@ -193,9 +197,8 @@ struct Fragments {
     data: Vec<u8>,
 }
 
-type PermitFuture = Pin<
-    Box<dyn Future<Output = Result<OwnedPermit<Request>, tokio::sync::mpsc::error::SendError<()>>> + Send>,
->;
+type PermitFuture =
+    Pin<Box<dyn Future<Output = Result<OwnedPermit<Request>, tokio::sync::mpsc::error::SendError<()>>> + Send>>;
 
 /// A chat command waiting for room in the sequencer's queue; nothing more
 /// is read from this socket until it goes through.
@@ -204,19 +207,47 @@ struct Blocked {
     request: Option<Request>,
 }
 
-/// An open socket, and the future of its task.
+/// What an idle socket does not need, in one `Box` that exists only while
+/// some of it is in use.
+#[derive(Default)]
+struct Extra {
+    /// Bytes of a frame not yet whole, or frames waiting behind `blocked`.
+    rbuf: Vec<u8>,
+    fragments: Option<Fragments>,
+    blocked: Option<Blocked>,
+    grace: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// `--rate-limit` token bucket: (tokens, last refill).
+    bucket: Option<(f64, Instant)>,
+}
+
+impl Extra {
+    fn is_idle(&self) -> bool {
+        self.rbuf.is_empty()
+            && self.fragments.is_none()
+            && self.blocked.is_none()
+            && self.grace.is_none()
+            && self.bucket.is_none()
+    }
+}
+
+thread_local! {
+    /// Where each worker thread reads sockets' bytes: whole frames are
+    /// handled in place and only a partial frame is copied out, so a socket
+    /// owns no read buffer between messages.
+    static READ_BUF: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Read buffers above this are not kept for the next socket.
+const READ_BUF_KEEP: usize = 1 << 20;
+
+/// An open socket, and the future of its task. Kept small (one task
+/// allocation per socket is the largest cost of an idle socket).
 pub struct Conn {
     stream: TcpStream,
     sub: Subscription,
-    /// Bytes received but not yet decoded; unallocated when idle.
-    rbuf: Vec<u8>,
-    fragments: Option<Box<Fragments>>,
     /// Frames taken from the outbox, being written.
     sending: SmallVec<[Bytes; 1]>,
-    blocked: Option<Box<Blocked>>,
-    grace: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// `--rate-limit` token bucket: (tokens, last refill).
-    bucket: Option<Box<(f64, Instant)>>,
+    extra: Option<Box<Extra>>,
     flags: Flags,
 }
 
@@ -246,24 +277,40 @@ impl Drop for Conn {
 }
 
 impl Conn {
+    fn extra(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(Box::default)
+    }
+
+    /// Frees `extra` once nothing in it is in use.
+    fn tidy(&mut self) {
+        if self.extra.as_ref().is_some_and(|x| x.is_idle()) {
+            self.extra = None;
+        }
+    }
+
+    fn is_blocked(&self) -> bool {
+        self.extra.as_ref().is_some_and(|x| x.blocked.is_some())
+    }
+
     fn poll_socket(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // Frames the client sent right behind its handshake.
-        if !self.rbuf.is_empty() && self.fragments.is_none() && self.blocked.is_none() {
-            self.dispatch();
+        if !self.flags.started {
+            // Frames the client sent right behind its handshake.
+            self.flags.started = true;
+            self.process(false)?;
         }
         // Bounded so one busy socket yields to the others.
         for _ in 0..32 {
-            if let Some(b) = self.blocked.as_mut() {
+            if let Some(b) = self.extra.as_mut().and_then(|x| x.blocked.as_mut()) {
                 match b.permit.as_mut().poll(cx) {
                     Poll::Ready(Ok(permit)) => {
                         if let Some(r) = b.request.take() {
                             permit.send(r);
                         }
-                        self.blocked = None;
-                        self.dispatch();
+                        self.extra().blocked = None;
+                        self.process(false)?;
                     }
                     Poll::Ready(Err(_)) => {
-                        self.blocked = None;
+                        self.extra().blocked = None;
                         self.sub.outbox.close(GOING_AWAY);
                     }
                     Poll::Pending => {}
@@ -282,6 +329,7 @@ impl Conn {
                 // to take what is queued and answer; a peer that reads nothing
                 // (a slow consumer) is dropped then, queue and all.
                 let grace = self
+                    .extra()
                     .grace
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(CLOSE_GRACE)));
                 if grace.as_mut().poll(cx).is_ready() {
@@ -300,15 +348,11 @@ impl Conn {
                     Poll::Pending => {}
                 }
             }
-            if self.blocked.is_some() {
+            if self.is_blocked() {
                 return Poll::Pending;
             }
             match self.stream.poll_read_ready(cx) {
-                Poll::Ready(Ok(())) => {
-                    if self.read()? {
-                        self.dispatch();
-                    }
-                }
+                Poll::Ready(Ok(())) => self.process(true)?,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => return Poll::Pending,
             }
@@ -317,13 +361,33 @@ impl Conn {
         Poll::Pending
     }
 
+    /// Reads what the socket has (when `read`), then decodes and handles
+    /// every whole frame; what is left (a partial frame, or frames behind a
+    /// blocked submit) is kept in `extra`.
+    fn process(&mut self, read: bool) -> io::Result<()> {
+        let mut buf = READ_BUF.take();
+        buf.clear();
+        if let Some(x) = self.extra.as_mut() {
+            if !x.rbuf.is_empty() {
+                buf.append(&mut x.rbuf);
+                x.rbuf = Vec::new();
+            }
+        }
+        let result = if read { self.read(&mut buf) } else { Ok(()) };
+        if !buf.is_empty() {
+            self.dispatch(&mut buf);
+        }
+        if buf.capacity() <= READ_BUF_KEEP {
+            READ_BUF.set(buf);
+        }
+        self.tidy();
+        result
+    }
+
     /// Makes the close that follows a TCP reset (SO_LINGER 0) instead of a FIN.
     fn reset_on_close(&self) {
         use std::os::fd::AsRawFd;
-        let linger = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
+        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
         // SAFETY: a valid socket descriptor and a correctly sized option.
         unsafe {
             libc::setsockopt(
@@ -394,18 +458,18 @@ impl Conn {
         }
     }
 
-    /// Reads what the socket has. Returns whether there is anything to
-    /// decode; at end of stream the connection is done.
-    fn read(&mut self) -> io::Result<bool> {
+    /// Reads what the socket has into `buf`; at end of stream the
+    /// connection is done.
+    fn read(&mut self, buf: &mut Vec<u8>) -> io::Result<()> {
         let mut got = 0;
         loop {
-            if self.rbuf.capacity() - self.rbuf.len() < 1024 {
-                self.rbuf.reserve(4096);
+            if buf.capacity() - buf.len() < 4096 {
+                buf.reserve(16 * 1024);
             }
-            match self.stream.try_read_buf(&mut self.rbuf) {
+            match self.stream.try_read_buf(buf) {
                 Ok(0) => {
                     self.flags.done = true;
-                    return Ok(false);
+                    return Ok(());
                 }
                 Ok(n) => {
                     if got == 0 {
@@ -413,54 +477,36 @@ impl Conn {
                     }
                     got += n;
                     if got >= READ_BUDGET {
-                        return Ok(true);
+                        return Ok(());
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if self.rbuf.is_empty() {
-                        self.rbuf = Vec::new();
-                    }
-                    return Ok(got > 0);
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e),
             }
         }
     }
 
-    /// Decodes and handles every whole frame in the read buffer, up to a
-    /// command that must wait for the sequencer.
-    fn dispatch(&mut self) {
+    /// Decodes and handles every whole frame in `buf`, up to a command that
+    /// must wait for the sequencer; keeps the rest in `extra`.
+    fn dispatch(&mut self, buf: &mut [u8]) {
         let max = self.sub.shared.config.max_frame_bytes;
         let mut pos = 0;
-        while !self.flags.done && !self.flags.poisoned && self.blocked.is_none() {
+        while !self.flags.done && !self.flags.poisoned && !self.is_blocked() {
             let mut needed = 0;
-            match frame::decode(&mut self.rbuf[pos..], max, &mut needed) {
+            match frame::decode(&mut buf[pos..], max, &mut needed) {
                 Ok(Some(f)) => {
-                    let start = pos;
+                    let payload = pos + f.payload.start..pos + f.payload.end;
                     pos += f.len;
-                    let payload = start + f.payload.start..start + f.payload.end;
-                    if let Err(v) = self.on_frame(f.fin, f.opcode, payload) {
+                    if let Err(v) = self.on_frame(f.fin, f.opcode, &mut buf[payload]) {
                         self.violate(v);
                     }
                 }
-                Ok(None) => {
-                    // Size the buffer once for the rest of this frame.
-                    let have = self.rbuf.len() - pos;
-                    if needed > have {
-                        self.rbuf.reserve(needed - have);
-                    }
-                    break;
-                }
+                Ok(None) => break,
                 Err(v) => self.violate(v),
             }
         }
-        if self.flags.poisoned {
-            pos = self.rbuf.len();
-        }
-        self.rbuf.drain(..pos);
-        if self.rbuf.is_empty() {
-            // Idle sockets hold no read buffer.
-            self.rbuf = Vec::new();
+        if pos < buf.len() && !self.flags.poisoned && !self.flags.done {
+            self.extra().rbuf.extend_from_slice(&buf[pos..]);
         }
     }
 
@@ -470,17 +516,12 @@ impl Conn {
             reason: v.reason,
         });
         // Our close is queued; the flush loop sends it. What follows in the
-        // buffer cannot be trusted to be frames: it is dropped unread.
+        // input cannot be trusted to be frames: it is dropped unread.
         self.flags.closing = true;
         self.flags.poisoned = true;
     }
 
-    fn on_frame(
-        &mut self,
-        fin: bool,
-        opcode: OpCode,
-        payload: std::ops::Range<usize>,
-    ) -> Result<(), Violation> {
+    fn on_frame(&mut self, fin: bool, opcode: OpCode, payload: &mut [u8]) -> Result<(), Violation> {
         if self.flags.closing {
             self.flags.peer_closed |= opcode == OpCode::Close;
             return Ok(());
@@ -489,18 +530,15 @@ impl Conn {
             code: close::PROTOCOL_ERROR,
             reason: "new message inside a fragmented one",
         };
+        let fragmenting = self.extra.as_ref().is_some_and(|x| x.fragments.is_some());
         match opcode {
             OpCode::Close => {
-                let code = match self.rbuf[payload] {
+                let code = match *payload {
                     [a, b, ..] => u16::from_be_bytes([a, b]),
                     _ => close::NORMAL,
                 };
                 // Echo the close, then end once it is written.
-                let code = if (1000..5000).contains(&code) {
-                    code
-                } else {
-                    close::PROTOCOL_ERROR
-                };
+                let code = if (1000..5000).contains(&code) { code } else { close::PROTOCOL_ERROR };
                 self.sub.outbox.close(Closing { code, reason: "" });
                 self.flags.closing = true;
                 self.flags.peer_closed = true;
@@ -508,46 +546,37 @@ impl Conn {
             }
             OpCode::Ping => {
                 let mut b = BytesMut::with_capacity(payload.len() + 2);
-                frame::put_frame(&mut b, OpCode::Pong, &self.rbuf[payload]);
+                frame::put_frame(&mut b, OpCode::Pong, payload);
                 self.sub.outbox.push(b.freeze());
                 Ok(())
             }
             OpCode::Pong => Ok(()),
-            OpCode::Text | OpCode::Binary if fin => {
-                if self.fragments.is_some() {
-                    return Err(INTERLEAVED);
-                }
-                let mut data = std::mem::take(&mut self.rbuf);
-                let r = self.on_message(opcode, &mut data[payload]);
-                self.rbuf = data;
-                r
-            }
+            OpCode::Text | OpCode::Binary if fragmenting => Err(INTERLEAVED),
+            OpCode::Text | OpCode::Binary if fin => self.on_message(opcode, payload),
             OpCode::Text | OpCode::Binary => {
-                if self.fragments.is_some() {
-                    return Err(INTERLEAVED);
-                }
-                self.fragments = Some(Box::new(Fragments {
+                self.extra().fragments = Some(Fragments {
                     opcode,
-                    data: self.rbuf[payload].to_vec(),
-                }));
+                    data: payload.to_vec(),
+                });
                 Ok(())
             }
             OpCode::Continuation => {
-                let Some(fr) = self.fragments.as_mut() else {
+                let max = self.sub.shared.config.max_frame_bytes;
+                let Some(fr) = self.extra.as_mut().and_then(|x| x.fragments.as_mut()) else {
                     return Err(Violation {
                         code: close::PROTOCOL_ERROR,
                         reason: "continuation without a message",
                     });
                 };
-                if fr.data.len() + payload.len() > self.sub.shared.config.max_frame_bytes {
+                if fr.data.len() + payload.len() > max {
                     return Err(Violation {
                         code: close::TOO_BIG,
                         reason: "message larger than the limit",
                     });
                 }
-                fr.data.extend_from_slice(&self.rbuf[payload]);
+                fr.data.extend_from_slice(payload);
                 if fin {
-                    if let Some(mut fr) = self.fragments.take() {
+                    if let Some(mut fr) = self.extra().fragments.take() {
                         self.on_message(fr.opcode, &mut fr.data)?;
                     }
                 }
@@ -555,7 +584,6 @@ impl Conn {
             }
         }
     }
-
     /// A whole message: text (checked UTF-8) or binary.
     fn on_message(&mut self, opcode: OpCode, data: &mut [u8]) -> Result<(), Violation> {
         if opcode == OpCode::Text && std::str::from_utf8(data).is_err() {
@@ -595,10 +623,10 @@ impl Conn {
             Ok(()) => {}
             Err(TrySendError::Full(request)) => {
                 let sender = self.sub.shared.sequencer.sender();
-                self.blocked = Some(Box::new(Blocked {
+                self.extra().blocked = Some(Blocked {
                     permit: Box::pin(sender.reserve_owned()),
                     request: Some(request),
-                }));
+                });
             }
             Err(TrySendError::Closed(_)) => self.sub.outbox.close(GOING_AWAY),
         }
@@ -614,10 +642,9 @@ impl Conn {
 
     /// `--rate-limit`: a bucket of N frames refilled at N per second.
     fn take_token(&mut self) -> bool {
-        let Some(bucket) = self.bucket.as_mut() else {
+        let Some((tokens, last)) = self.extra.as_mut().and_then(|x| x.bucket.as_mut()) else {
             return true;
         };
-        let (tokens, last) = &mut **bucket;
         let rate = self.sub.shared.config.rate_limit as f64;
         let now = Instant::now();
         *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(rate);
