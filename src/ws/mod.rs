@@ -197,8 +197,9 @@ struct Fragments {
     data: Vec<u8>,
 }
 
-type PermitFuture =
-    Pin<Box<dyn Future<Output = Result<OwnedPermit<Request>, tokio::sync::mpsc::error::SendError<()>>> + Send>>;
+type PermitFuture = Pin<
+    Box<dyn Future<Output = Result<OwnedPermit<Request>, tokio::sync::mpsc::error::SendError<()>>> + Send>,
+>;
 
 /// A chat command waiting for room in the sequencer's queue; nothing more
 /// is read from this socket until it goes through.
@@ -387,7 +388,10 @@ impl Conn {
     /// Makes the close that follows a TCP reset (SO_LINGER 0) instead of a FIN.
     fn reset_on_close(&self) {
         use std::os::fd::AsRawFd;
-        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
         // SAFETY: a valid socket descriptor and a correctly sized option.
         unsafe {
             libc::setsockopt(
@@ -538,7 +542,11 @@ impl Conn {
                     _ => close::NORMAL,
                 };
                 // Echo the close, then end once it is written.
-                let code = if (1000..5000).contains(&code) { code } else { close::PROTOCOL_ERROR };
+                let code = if (1000..5000).contains(&code) {
+                    code
+                } else {
+                    close::PROTOCOL_ERROR
+                };
                 self.sub.outbox.close(Closing { code, reason: "" });
                 self.flags.closing = true;
                 self.flags.peer_closed = true;
