@@ -463,3 +463,50 @@ async fn metrics_answers_prometheus_text_to_anyone() {
         assert!(value.parse::<f64>().is_ok(), "bad sample line {line:?}");
     }
 }
+
+/// The value of one sample line of `/metrics` (0 when absent).
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_counters_move_when_the_events_happen() {
+    let server = crate::own_server!();
+    let mut room = Room::open_on(server).await;
+    let before = room.server.get_text("/metrics").await.2;
+    let m = room.alice_says("counted").await;
+    room.alice_does(json!({"type": "edit_message", "message_id": m["id"], "content": "edited"}))
+        .await;
+    room.alice_does(json!({"type": "delete_message", "message_id": m["id"]}))
+        .await;
+    room.expect_error(json!({"type": "nope"}), "unknown_type").await;
+    let (status, _) = room
+        .server
+        .post(
+            "/api/notifications/",
+            &room.server.service_token(),
+            json!({"user": room.bob, "message": "hi"}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let bad = room
+        .server
+        .upgrade_status_with_token(&format!("/ws/chat/{}/", room.conv), "not-a-token")
+        .await;
+    assert_eq!(bad, 401);
+    let after = room.server.get_text("/metrics").await.2;
+    let moved = |series: &str| sample(&after, series) - sample(&before, series);
+    // The probe message of `expect_error` counts as a message too.
+    assert_eq!(moved("parley_writes_total{kind=\"message\"}"), 2.0, "{after}");
+    assert_eq!(moved("parley_writes_total{kind=\"edit\"}"), 1.0);
+    assert_eq!(moved("parley_writes_total{kind=\"delete\"}"), 1.0);
+    assert_eq!(moved("parley_writes_total{kind=\"notification\"}"), 1.0);
+    assert_eq!(moved("parley_error_frames_total{code=\"unknown_type\"}"), 1.0);
+    assert_eq!(moved("parley_refused_upgrades_total{status=\"401\"}"), 1.0);
+    // Three sockets saw each of the four events.
+    assert!(moved("parley_deliveries_total") >= 12.0, "{after}");
+    assert_eq!(sample(&after, "parley_open_sockets{kind=\"chat\"}"), 3.0);
+    assert!(sample(&after, "parley_store_flush_seconds_count") > 0.0);
+}

@@ -463,3 +463,27 @@ async fn the_max_replay_events_flag_bounds_the_notifications_replay() {
     let want: Vec<Value> = made[2..].iter().map(|n| json!({"message": n})).collect();
     assert_eq!(recv_n(&mut ws, 5).await, want);
 }
+
+#[tokio::test]
+async fn a_restart_between_disconnect_and_reconnect_loses_nothing_of_the_replay() {
+    let server = own_server!();
+    let mut room = Room::open_on(server).await;
+    let seen = id_of(&room.alice_says("seen before the drop").await);
+    let mut missed = vec![];
+    for i in 0..5 {
+        missed.push(room.alice_says(&format!("missed {i}")).await);
+    }
+    let edit = json!({"type": "edit_message", "message_id": missed[0]["id"], "content": "missed 0, edited"});
+    missed.push(room.alice_does(edit).await);
+    let delete = json!({"type": "delete_message", "message_id": missed[1]["id"]});
+    missed.push(room.alice_does(delete).await);
+    // The server dies hard while Bob is away, and comes back on the same data.
+    room.server.kill9();
+    room.server.start_again();
+    let mut resumed = room
+        .server
+        .ws(&chat_path(room.conv, seen), &room.server.token(&room.bob))
+        .await;
+    assert_eq!(recv_n(&mut resumed, missed.len()).await, missed);
+    expect_silence(&mut resumed, 300).await;
+}
