@@ -326,13 +326,6 @@ impl Hub {
         }
     }
 
-    /// Whether `user` has a chat socket open on `conversation` right now.
-    pub fn is_watching(&self, conversation: u64, user: &str) -> bool {
-        self.rooms
-            .get(&conversation)
-            .is_some_and(|r| r.watching.contains_key(user))
-    }
-
     /// The participants other than `sender` with no chat socket open on the
     /// conversation: who gets a notification for a new message.
     pub fn absent(
