@@ -88,6 +88,11 @@ pub struct ServeArgs {
     /// Largest REST request body, in bytes (413 beyond).
     #[arg(long, env = "PARLEY_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Refuse writes (503 / `unavailable`) while the data dir's disk has less
+    /// free space than this, in bytes; they resume by themselves when space
+    /// returns. Keeps the store from ever hitting a full disk.
+    #[arg(long, env = "PARLEY_MIN_FREE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub min_free_bytes: u64,
     /// Events replayed at most on a resuming socket (Part D).
     #[arg(long, env = "PARLEY_MAX_REPLAY_EVENTS", default_value_t = 1000)]
     pub max_replay_events: usize,
@@ -156,6 +161,7 @@ pub struct Config {
     pub max_outbound_bytes: usize,
     pub max_body_bytes: usize,
     pub max_replay_events: usize,
+    pub min_free_bytes: u64,
     pub rate_limit: u32,
     pub handshake_timeout: Duration,
     /// `None`: never ping.
@@ -253,6 +259,7 @@ impl Config {
             max_outbound_bytes: a.max_outbound_bytes,
             max_body_bytes: a.max_body_bytes,
             max_replay_events: a.max_replay_events,
+            min_free_bytes: a.min_free_bytes,
             rate_limit: a.rate_limit,
             handshake_timeout: a.handshake_timeout,
             ping_interval: (!a.ping_interval.is_zero()).then_some(a.ping_interval),

@@ -231,7 +231,16 @@ impl Writer {
             // A bug that panics on one request must not stop every write of
             // the server: that request is dropped (its caller sees its reply
             // channel close) and the writer goes on.
+            // A store that cannot take writes now (disk nearly full, or
+            // failed) refuses this group's writes; reads and resumes go on.
+            let refusal = self.store.writable().err();
             for r in group.drain(..) {
+                if let Some(e) = &refusal {
+                    if let Some(r) = self.refuse(r, e) {
+                        self.out.resumes.push(r);
+                    }
+                    continue;
+                }
                 let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(r)));
                 if handled.is_err() {
                     tracing::error!("the sequencer panicked on a request; it was dropped");
@@ -278,6 +287,21 @@ impl Writer {
             }
             Request::Resume(r) => self.out.resumes.push(r),
         }
+    }
+
+    /// Answers a write with `unavailable` without trying it; hands back a
+    /// resume, which only reads.
+    fn refuse(&mut self, r: Request, e: &StoreError) -> Option<Resume> {
+        let unavailable = || WriteError::Unavailable(StoreError::Io(e.to_string()));
+        match r {
+            Request::Chat { outbox, .. } => self.out.failed.push(outbox),
+            Request::CreateConversation { reply, .. } => drop(reply.send(Err(unavailable()))),
+            Request::Notify { reply, .. } => drop(reply.send(Err(unavailable()))),
+            Request::MarkRead { reply, .. } => drop(reply.send(Err(unavailable()))),
+            Request::ReadAll { reply, .. } => drop(reply.send(Err(unavailable()))),
+            Request::Resume(r) => return Some(r),
+        }
+        None
     }
 
     /// Answers after the group's flush: with the result if it held, with

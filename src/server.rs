@@ -74,7 +74,11 @@ pub fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
         Durability::Sync => None,
         Durability::Interval(d) => Some(d.as_millis().max(1) as u64),
     };
-    Ok(Arc::new(SledStore::open(&config.data_dir, flush_every)?))
+    Ok(Arc::new(SledStore::open_with_reserve(
+        &config.data_dir,
+        flush_every,
+        config.min_free_bytes,
+    )?))
 }
 
 /// Serves until `shutdown` is cancelled, then closes every socket with 1001,

@@ -22,18 +22,26 @@ use crate::store::{Conversation, Page};
 
 pub fn healthz(shared: &Shared) -> Response<Body> {
     #[derive(Serialize)]
-    struct H {
+    struct Health {
         status: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
     }
-    if shared.store.writable() {
-        json(StatusCode::OK, &H { status: "ok" })
-    } else {
-        json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &H {
-                status: "store not writable",
+    match shared.store.writable() {
+        Ok(()) => json(
+            StatusCode::OK,
+            &Health {
+                status: "ok",
+                detail: None,
             },
-        )
+        ),
+        Err(e) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &Health {
+                status: "store not writable",
+                detail: Some(e.to_string()),
+            },
+        ),
     }
 }
 

@@ -24,6 +24,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("{0}")]
     Open(String),
+    #[error("the disk is nearly full ({free} bytes free, below --min-free-bytes); writes resume when space returns")]
+    Full { free: u64 },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -157,6 +159,7 @@ pub trait Store: Send + Sync + 'static {
     fn commit(&self, change: Change<'_>, counters: &Counters) -> Result<()>;
     /// Makes every committed change durable.
     fn sync(&self) -> Result<()>;
-    /// Whether the store is working (for `/healthz`).
-    fn writable(&self) -> bool;
+    /// Whether writes can be taken now: the store works and its disk has
+    /// room (for `/healthz`, and checked by the sequencer before each group).
+    fn writable(&self) -> Result<()>;
 }

@@ -46,6 +46,10 @@ pub struct SledStore {
     /// too, so that a write refused to its client is never shown by a read
     /// (it was never flushed, and sled's recovery leaves it out).
     healthy: AtomicBool,
+    dir: std::path::PathBuf,
+    min_free: u64,
+    /// Free bytes on the data dir's disk, and when that was read.
+    free: std::sync::Mutex<(u64, Option<std::time::Instant>)>,
 }
 
 fn io(e: sled::Error) -> StoreError {
@@ -143,12 +147,39 @@ impl SledStore {
     /// Opens (or creates) the store. `flush_every` is sled's own background
     /// flush period: `None` in `sync` mode, where the sequencer flushes.
     pub fn open(dir: &std::path::Path, flush_every_ms: Option<u64>) -> Result<SledStore> {
+        SledStore::open_with_reserve(dir, flush_every_ms, 0)
+    }
+
+    /// As `open`, refusing writes while the disk has less than `min_free`
+    /// bytes free.
+    pub fn open_with_reserve(
+        dir: &std::path::Path,
+        flush_every_ms: Option<u64>,
+        min_free: u64,
+    ) -> Result<SledStore> {
         let (db, tree) = open_handle(dir, flush_every_ms)?;
         Ok(SledStore {
             db: std::mem::ManuallyDrop::new(db),
             tree: std::mem::ManuallyDrop::new(tree),
             healthy: AtomicBool::new(true),
+            dir: dir.to_path_buf(),
+            min_free,
+            free: std::sync::Mutex::new((u64::MAX, None)),
         })
+    }
+
+    /// Free bytes on the data dir's disk, read at most every 50 ms.
+    fn free_bytes(&self) -> u64 {
+        let mut cached = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        if cached
+            .1
+            .is_some_and(|t| t.elapsed() < std::time::Duration::from_millis(50))
+        {
+            return cached.0;
+        }
+        let free = statvfs_free(&self.dir).unwrap_or(u64::MAX);
+        *cached = (free, Some(std::time::Instant::now()));
+        free
     }
 
     /// The tree, while the store is healthy.
@@ -390,9 +421,31 @@ impl Store for SledStore {
         self.track(r)
     }
 
-    fn writable(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+    fn writable(&self) -> Result<()> {
+        self.tree()?;
+        if self.min_free > 0 {
+            let free = self.free_bytes();
+            if free < self.min_free {
+                return Err(StoreError::Full { free });
+            }
+        }
+        Ok(())
     }
+}
+
+/// Bytes available to unprivileged writers on the filesystem holding `dir`.
+fn statvfs_free(dir: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: a NUL-terminated path and a correctly sized out-parameter.
+    let r = unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) };
+    if r != 0 {
+        return None;
+    }
+    // SAFETY: statvfs filled it in.
+    let st = unsafe { st.assume_init() };
+    Some(st.f_bavail * st.f_frsize)
 }
 
 impl Drop for SledStore {
