@@ -194,6 +194,11 @@ impl Outbox {
         self.waker.wake();
     }
 
+    /// The close asked for, if any.
+    pub fn closing(&self) -> Option<Closing> {
+        self.lock().closing
+    }
+
     /// Takes everything queued. The caller becomes the socket's writer
     /// until it calls [`Outbox::release`]: no direct writes meanwhile.
     pub fn drain(&self) -> Drained {

@@ -322,13 +322,23 @@ impl Conn {
             if self.flags.done {
                 return Poll::Ready(Ok(()));
             }
-            if self.flags.close_queued {
+            // A close may be waiting behind frames the peer is not taking
+            // (a slow consumer): the grace period starts from the request,
+            // not from when our queue finally drains.
+            let closing =
+                self.flags.close_queued || (!self.sending.is_empty() && self.sub.outbox.closing().is_some());
+            if closing {
                 if self.flags.peer_closed && self.sending.is_empty() {
                     return Poll::Ready(Ok(()));
                 }
                 // From the moment we decide to close, the peer has CLOSE_GRACE
                 // to take what is queued and answer; a peer that reads nothing
                 // (a slow consumer) is dropped then, queue and all.
+                if self.extra.as_ref().is_none_or(|x| x.grace.is_none())
+                    && self.sub.outbox.closing() == Some(crate::hub::SLOW_CONSUMER)
+                {
+                    self.sub.shared.metrics.slow_consumers.inc();
+                }
                 let grace = self
                     .extra()
                     .grace
@@ -417,9 +427,6 @@ impl Conn {
                 if let Some(c) = drained.closing {
                     self.flags.close_queued = true;
                     self.flags.closing = true;
-                    if c == crate::hub::SLOW_CONSUMER {
-                        self.sub.shared.metrics.slow_consumers.inc();
-                    }
                     let mut b = BytesMut::with_capacity(128);
                     frame::put_close(&mut b, c.code, c.reason);
                     self.sending.push(b.freeze());

@@ -910,22 +910,7 @@ impl RawWs {
 
     /// Sends one masked frame; a write error (the server closed first) is ignored.
     pub async fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
-        let mut frame = Vec::with_capacity(payload.len() + 14);
-        frame.push(if fin { 0x80 } else { 0 } | opcode);
-        let len = payload.len();
-        if len < 126 {
-            frame.push(0x80 | len as u8);
-        } else if len <= 0xFFFF {
-            frame.push(0x80 | 126);
-            frame.extend_from_slice(&(len as u16).to_be_bytes());
-        } else {
-            frame.push(0x80 | 127);
-            frame.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-        let mask: [u8; 4] = rand::random();
-        frame.extend_from_slice(&mask);
-        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        let _ = self.stream.write_all(&frame).await;
+        let _ = self.stream.write_all(&masked_frame(fin, opcode, payload)).await;
     }
 
     pub async fn send_text(&mut self, text: &str) {
@@ -1151,4 +1136,24 @@ pub fn text(s: &str) -> Frame {
 
 pub fn json_frame(v: Value) -> Frame {
     Frame::Text(v.to_string())
+}
+
+/// One masked client frame, header and all.
+pub fn masked_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(payload.len() + 14);
+    frame.push(if fin { 0x80 } else { 0 } | opcode);
+    let len = payload.len();
+    if len < 126 {
+        frame.push(0x80 | len as u8);
+    } else if len <= 0xFFFF {
+        frame.push(0x80 | 126);
+        frame.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        frame.push(0x80 | 127);
+        frame.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    let mask: [u8; 4] = rand::random();
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
 }

@@ -193,26 +193,6 @@ pub fn close_code(payload: &[u8]) -> Option<u16> {
     (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]))
 }
 
-/// One masked client frame, header and all.
-pub fn masked_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut frame = Vec::with_capacity(payload.len() + 14);
-    frame.push(if fin { 0x80 } else { 0 } | opcode);
-    let len = payload.len();
-    if len < 126 {
-        frame.push(0x80 | len as u8);
-    } else if len <= 0xFFFF {
-        frame.push(0x80 | 126);
-        frame.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        frame.push(0x80 | 127);
-        frame.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    let mask: [u8; 4] = rand::random();
-    frame.extend_from_slice(&mask);
-    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    frame
-}
-
 /// An unmasked frame, as a server would send it (a client must not).
 pub fn unmasked_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     let mut frame = vec![0x80 | opcode];
