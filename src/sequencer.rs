@@ -190,6 +190,8 @@ struct Outgoing {
     conversations: Vec<(u64, BytesMut, u64)>,
     index: HashMap<u64, usize>,
     users: Vec<(Arc<str>, BytesMut)>,
+    /// Finds a user's entry: a message to a large room notifies thousands.
+    user_index: HashMap<Arc<str>, usize>,
     rejections: Vec<(Arc<Outbox>, Rejection)>,
     failed: Vec<Arc<Outbox>>,
     replies: Vec<Answer>,
@@ -207,13 +209,16 @@ impl Outgoing {
     }
 
     fn user(&mut self, user: &str) -> &mut BytesMut {
-        match self.users.iter().position(|(u, _)| &**u == user) {
-            Some(i) => &mut self.users[i].1,
+        let i = match self.user_index.get(user) {
+            Some(&i) => i,
             None => {
-                self.users.push((Arc::from(user), BytesMut::new()));
-                &mut self.users.last_mut().expect("just pushed").1
+                let name: Arc<str> = Arc::from(user);
+                self.users.push((name.clone(), BytesMut::new()));
+                self.user_index.insert(name, self.users.len() - 1);
+                self.users.len() - 1
             }
-        }
+        };
+        &mut self.users[i].1
     }
 }
 
@@ -607,6 +612,7 @@ impl Writer {
         }
         out.index.clear();
         out.users.clear();
+        out.user_index.clear();
         out.writes = 0;
         self.out = out;
     }
