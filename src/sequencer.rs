@@ -336,7 +336,7 @@ impl Writer {
     /// reserved in blocks, durably, before they are used: after a crash,
     /// counting resumes above every id that could have been shown.
     fn reserve(&mut self, next: &Counters) -> Result<(), StoreError> {
-        if self.durability == Durability::Sync {
+        if !matches!(self.durability, Durability::Interval(_)) {
             return Ok(()); // every issued id is flushed before it is shown
         }
         let r = &self.reserved;
@@ -569,7 +569,7 @@ impl Writer {
     fn finish_group(&mut self) {
         let mut out = std::mem::take(&mut self.out);
         let mut flush_err = None;
-        if out.writes > 0 && self.durability == Durability::Sync {
+        if out.writes > 0 && !matches!(self.durability, Durability::Interval(_)) {
             let started = Instant::now();
             if let Err(e) = self.store.sync() {
                 tracing::error!("store flush failed: {e}");

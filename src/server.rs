@@ -71,14 +71,13 @@ pub fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| StoreError::Open(format!("cannot create {}: {e}", config.data_dir.display())))?;
     let flush_every = match config.durability {
-        Durability::Sync => None,
+        Durability::Sync | Durability::Fsync => None,
         Durability::Interval(d) => Some(d.as_millis().max(1) as u64),
     };
-    Ok(Arc::new(SledStore::open_with_reserve(
-        &config.data_dir,
-        flush_every,
-        config.min_free_bytes,
-    )?))
+    let store = SledStore::open_with_reserve(&config.data_dir, flush_every, config.min_free_bytes)?;
+    Ok(Arc::new(
+        store.with_fdatasync(config.durability == Durability::Fsync),
+    ))
 }
 
 /// Serves until `shutdown` is cancelled, then closes every socket with 1001,

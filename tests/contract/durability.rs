@@ -152,3 +152,26 @@ async fn healthz_is_200_after_a_restart() {
     let (status, _, _) = server.get_text("/healthz").await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn acknowledged_messages_survive_kill_9_in_fsync_mode() {
+    let mut server = own_server!("--durability", "fsync");
+    let alice = user("alice");
+    let conv = server.create_conversation(&alice, &[]).await;
+    let mut ws = server.ws_chat(conv, &alice).await;
+    for i in 0..50 {
+        send_json(
+            &mut ws,
+            &json!({"type": "chat_message", "message": format!("fsynced {i}")}),
+        )
+        .await;
+    }
+    let acked = recv_n(&mut ws, 50).await;
+    server.kill9();
+    server.start_again();
+    let history = server.history(conv, &alice).await;
+    let mut contents: Vec<_> = history.iter().map(|m| m["content"].clone()).collect();
+    contents.reverse();
+    let want: Vec<_> = acked.iter().map(|m| m["content"].clone()).collect();
+    assert_eq!(contents, want);
+}
