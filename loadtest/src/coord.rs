@@ -319,6 +319,32 @@ fn connect_results(evs: Vec<Ev>) -> Vec<ConnectResult> {
 
 /// Open every worker's sockets (all of them), `in_flight` handshakes at once
 /// in total. Returns the merged result and the wall time.
+/// Opens every worker's sockets, prints how it went, then lets the server
+/// settle; fails (after stopping the workers) when not one socket opened.
+async fn connect_and_settle(
+    mut w: Workers,
+    counts: &[u32],
+    in_flight: u32,
+    settle: f64,
+) -> Res<(Workers, ConnectResult, f64)> {
+    let (cr, wall) = connect_all(&mut w, counts, in_flight).await?;
+    println!(
+        "  connected {} of {} in {:.2} s ({:.0}/s), {} failed {:?}",
+        cr.opened,
+        cr.attempted,
+        wall,
+        cr.opened as f64 / wall.max(1e-9),
+        cr.failed,
+        cr.errors
+    );
+    if cr.opened == 0 {
+        w.shutdown().await;
+        return Err("no socket could be opened".into());
+    }
+    tokio::time::sleep(Duration::from_secs_f64(settle)).await;
+    Ok((w, cr, wall))
+}
+
 async fn connect_all(w: &mut Workers, counts: &[u32], in_flight: u32) -> Res<(ConnectResult, f64)> {
     let per = (in_flight as usize).div_ceil(w.len()).max(1) as u32;
     let t0 = Instant::now();
@@ -640,26 +666,12 @@ pub async fn fanout(a: FanoutArgs) -> Res<Value> {
             j
         })
         .collect();
-    let mut w = Workers::spawn(jobs).await?;
+    let w = Workers::spawn(jobs).await?;
     println!(
         "fanout: 1 conversation, {subs} subscriber sockets of {nusers} users + 1 publisher, {} messages, {} in flight, {nw} workers",
         a.messages, a.in_flight
     );
-    let (cr, wall) = connect_all(&mut w, &counts, a.connect_in_flight).await?;
-    println!(
-        "  connected {} of {} in {:.2} s ({:.0}/s), {} failed {:?}",
-        cr.opened,
-        cr.attempted,
-        wall,
-        cr.opened as f64 / wall.max(1e-9),
-        cr.failed,
-        cr.errors
-    );
-    if cr.opened == 0 {
-        w.shutdown().await;
-        return Err("no socket could be opened".into());
-    }
-    tokio::time::sleep(Duration::from_secs_f64(a.settle)).await;
+    let (mut w, cr, wall) = connect_and_settle(w, &counts, a.connect_in_flight, a.settle).await?;
     let (open, _, _) = w.status().await?;
     let cpu0 = ctx.cpu();
     let ccpu0 = ctx.client_cpu();
@@ -791,26 +803,12 @@ pub async fn chat(a: ChatArgs) -> Res<Value> {
             j
         })
         .collect();
-    let mut w = Workers::spawn(jobs).await?;
+    let w = Workers::spawn(jobs).await?;
     println!(
         "chat: {nconv} conversations x {members} members = {total} sockets, {} msg/s for {} s (open loop), {nw} workers",
         a.rate, a.duration
     );
-    let (cr, wall) = connect_all(&mut w, &counts, a.connect_in_flight).await?;
-    println!(
-        "  connected {} of {} in {:.2} s ({:.0}/s), {} failed {:?}",
-        cr.opened,
-        cr.attempted,
-        wall,
-        cr.opened as f64 / wall.max(1e-9),
-        cr.failed,
-        cr.errors
-    );
-    if cr.opened == 0 {
-        w.shutdown().await;
-        return Err("no socket could be opened".into());
-    }
-    tokio::time::sleep(Duration::from_secs_f64(a.settle)).await;
+    let (mut w, cr, wall) = connect_and_settle(w, &counts, a.connect_in_flight, a.settle).await?;
     let cpu0 = ctx.cpu();
     let ccpu0 = ctx.client_cpu();
     let t0 = Instant::now();

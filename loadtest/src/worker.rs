@@ -56,6 +56,32 @@ struct State {
     publisher: Option<u32>,
 }
 
+impl State {
+    /// Fresh counters for `sockets` sockets.
+    fn new(tag: String, sockets: usize, publisher: Option<u32>) -> State {
+        State {
+            tag,
+            hist: new_hist(),
+            received: 0,
+            unique: 0,
+            dups: 0,
+            out_of_order: 0,
+            foreign: 0,
+            server_errors: 0,
+            parse_errors: 0,
+            open: 0,
+            closed: 0,
+            close_reasons: BTreeMap::new(),
+            first_recv_ns: 0,
+            last_recv_ns: 0,
+            socks: (0..sockets).map(|_| Sock::default()).collect(),
+            echo: None,
+            echoed: 0,
+            publisher,
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct Incoming<'a> {
     #[serde(borrow, default)]
@@ -508,26 +534,7 @@ async fn run() {
         std::process::exit(3);
     });
     let n = job.sockets.len();
-    let st = State {
-        tag: job.tag.clone(),
-        hist: new_hist(),
-        received: 0,
-        unique: 0,
-        dups: 0,
-        out_of_order: 0,
-        foreign: 0,
-        server_errors: 0,
-        parse_errors: 0,
-        open: 0,
-        closed: 0,
-        close_reasons: BTreeMap::new(),
-        first_recv_ns: 0,
-        last_recv_ns: 0,
-        socks: (0..n).map(|_| Sock::default()).collect(),
-        echo: None,
-        echoed: 0,
-        publisher: job.publisher,
-    };
+    let st = State::new(job.tag.clone(), n, job.publisher);
     let mut w = Worker {
         job: Rc::new(job),
         st: Rc::new(RefCell::new(st)),
@@ -570,26 +577,7 @@ mod tests {
     use super::*;
 
     fn state() -> State {
-        State {
-            tag: "T".into(),
-            hist: new_hist(),
-            received: 0,
-            unique: 0,
-            dups: 0,
-            out_of_order: 0,
-            foreign: 0,
-            server_errors: 0,
-            parse_errors: 0,
-            open: 0,
-            closed: 0,
-            close_reasons: BTreeMap::new(),
-            first_recv_ns: 0,
-            last_recv_ns: 0,
-            socks: vec![Sock::default(), Sock::default()],
-            echo: None,
-            echoed: 0,
-            publisher: None,
-        }
+        State::new("T".into(), 2, None)
     }
 
     fn msg(sender: u32, seq: u64, t: u64) -> Vec<u8> {

@@ -556,38 +556,130 @@ MCowBQYDK2VwAyEAmEXAjLXJbk41fpo4Oc/aAj2TbvPwvZSi7GPZGVxnAaY=
 -----END PUBLIC KEY-----
 ";
 
-#[tokio::test]
-async fn eddsa_with_a_configured_public_key_accepts_its_tokens_and_refuses_hs256_ones() {
+// Test-only key pairs (generated with openssl for this suite).
+const P256_PRIVATE_PEM: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgiljwI2NW9wuHhJJD
+LsalHkBYg6uk4+/mXmVNoSBS90mhRANCAAR+QsCLmL/AgD+H1qDlXpQkN4KQIXuz
+lrnHJ9uofUZf62Cgbekxf5sMiEYqRl0Xw7Ksl3xDNkJTtQS2FsW3D2X7
+-----END PRIVATE KEY-----
+";
+const P256_PUBLIC_PEM: &str = "-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEfkLAi5i/wIA/h9ag5V6UJDeCkCF7
+s5a5xyfbqH1GX+tgoG3pMX+bDIhGKkZdF8OyrJd8QzZCU7UEthbFtw9l+w==
+-----END PUBLIC KEY-----
+";
+const RSA_PRIVATE_PEM: &str = "-----BEGIN PRIVATE KEY-----
+MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQDFTL1hYK/qvlfq
+pxJjRY5jl8jZ0/uri6f5TdBQHW/HRWrklTb6x/hTQOLwGOU/rHvqNV1XzGCzphRp
+VaBFlvgQKcvMxmn+tDr2jiSGtjFsBMb1cBRrBuFfv2HiKutD6FbdSSgzohCLywPB
+jqcNe1Sn1AJwHoGWp96GLPq8F7x9Q4lp7hPXnqAMqdgZJ9aDZUl74GJIycUgT/HW
+5yGpVKGgc60cnzdiAm6km29ivl4zOmiGN1R1UVTlLZEQJ9Sa+KMm2/cQL6E7sDLn
+OUDhdZdpJPJCiV+oe68rvv6kdtr3y5VHnpowfoL6250I85l4Nn9puB8VMkRC0wjE
+BM8phNDJAgMBAAECggEAQ2aaYaxKnIpm9Voa7X/jC0HckxGYbbuZaBD9o4jS2UPt
+JuaUsCplOme1vyj6E/0EHfgaCbbfqC+J1Iw0YuGWn8rvfOahaio+5GCduMl/67Nc
+Fpex2fgxQOjb8wwPcBTsq87kpXLtbRwvDc4CYpgpzOWf6ZZ6VbHGUpcGFwCS20V/
+HZNlKWMyEjLF8MZULeGkSIi8iS2hsh1kCYadHKb0+tCuZzkhjX0CEWyGx+XWywM9
+Qzp4I4WZf1UatJal3zs0XtN7+b8TP0FRiW/bIKhcq/nu/lgl3WPn4yAjoAsAHlde
+spXQ48UsAnmjhgAc20uhhY5PLQ9Pn9iqRR8vZhR6WwKBgQD7zjF+WLAI0RIcyrYy
+ySYB4hxyf6RCkmCbfcO5bDmzdgGO7c1AesuXhDHswFquCZ326ZrD5HJN2Dye/kVp
+CQ4rZusy0DJHfETZjTE8YYChlvx5dNKaotRj9am3aT+pviFAQeIjPuF/xCSuOeZl
+ibWxueacU2DOlJK5bShygy2pFwKBgQDIlhxcooSCGPFBi9UUZ+SFy9kW7rlRmFVj
+UNi7pOl4GiH4rdPtk7gfiq1TXAgrnzVQPCjPRcFw0eX2XfQpQ1ZoYavAJeg4RQY5
+pwmsweqkgboeUdTisyI9TQggMqB8B/ubkVVa1kLtxzc0VZZwz0acJpEns07b7m3u
+mEz05XXBHwKBgFI7Adq657HZZMrWQC3RloHi71tM5719w+LDbVluSGGc1eFxMygt
+cbMnTo58OqC/L0DlBM+YGOPnC9T4QH6OoHv3/jL33pONt4Y8H6oSRUl/3y9iwSwS
+pL2ICkaFLm8mUgGEAm90J3vr9/aVnfHmyNkjVnYSnHiZ+Fhpl13eDNk9AoGBAJbu
+7VR/Lbo/TnqF38ZFDt3mr+njpCrTt5zN3ugDhXJMJ7faBRhGCUwiq52IKNW6LQG8
+4vBkitR7/NBPjkPmWYSdygECBSUiOzbyjAMkv40d2JCr/sa/CEqcRjsEHWJ3F0rO
+Jy38/8uwFcgZhuRH89fX5W28LOCtHqdkjrPQXbT9AoGANpR4QeDBQfwd37xEw0H+
+L7U6YyI/bAH8dvcFRJwtj30k5k8h7nhAsA0/B+gzwdOHFPHVPoPXTvP7m9HyN2wd
+nsxrK+26ERVNoy0sT0PDiLcJkg5v/M/roJ3FcDMVZRecX5+4tSQeIMZNJ1WT6jOF
+n+ANq/EdO7apq99njfeI0nI=
+-----END PRIVATE KEY-----
+";
+const RSA_PUBLIC_PEM: &str = "-----BEGIN PUBLIC KEY-----
+MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAxUy9YWCv6r5X6qcSY0WO
+Y5fI2dP7q4un+U3QUB1vx0Vq5JU2+sf4U0Di8BjlP6x76jVdV8xgs6YUaVWgRZb4
+ECnLzMZp/rQ69o4khrYxbATG9XAUawbhX79h4irrQ+hW3UkoM6IQi8sDwY6nDXtU
+p9QCcB6Blqfehiz6vBe8fUOJae4T156gDKnYGSfWg2VJe+BiSMnFIE/x1uchqVSh
+oHOtHJ83YgJupJtvYr5eMzpohjdUdVFU5S2RECfUmvijJtv3EC+hO7Ay5zlA4XWX
+aSTyQolfqHuvK77+pHba98uVR56aMH6C+tudCPOZeDZ/abgfFTJEQtMIxATPKYTQ
+yQIDAQAB
+-----END PUBLIC KEY-----
+";
+
+/// An operator configures a public-key algorithm: tokens signed with the
+/// matching private key pass; HS256 ones (even signed with the public key's
+/// bytes, or with any secret) are refused.
+async fn public_key_algorithm_accepts_its_tokens_and_refuses_hs256_ones(
+    alg: Algorithm,
+    name: &str,
+    private: jsonwebtoken::EncodingKey,
+    public_pem: &str,
+) {
     let dir = tempfile::tempdir().unwrap();
-    let key_file = dir.path().join("ed25519.pub.pem");
-    std::fs::write(&key_file, ED25519_PUBLIC_PEM).unwrap();
+    let key_file = dir.path().join("public.pem");
+    std::fs::write(&key_file, public_pem).unwrap();
     let key_path = key_file.to_str().unwrap();
-    let server = crate::own_server!(FLAG_JWT_ALGORITHM, "EdDSA", FLAG_JWT_PUBLIC_KEY_FILE, key_path);
+    let server = crate::own_server!(FLAG_JWT_ALGORITHM, name, FLAG_JWT_PUBLIC_KEY_FILE, key_path);
     let claims = json!({"sub": user("alice"), "exp": now_secs() + 3600});
-    let key = jsonwebtoken::EncodingKey::from_ed_pem(ED25519_PRIVATE_PEM.as_bytes()).unwrap();
-    let token = jsonwebtoken::encode(&jsonwebtoken::Header::new(Algorithm::EdDSA), &claims, &key).unwrap();
-    // The key pair is sound: the token verifies with the public key here.
-    let public = jsonwebtoken::DecodingKey::from_ed_pem(ED25519_PUBLIC_PEM.as_bytes()).unwrap();
-    jsonwebtoken::decode::<Value>(&token, &public, &jsonwebtoken::Validation::new(Algorithm::EdDSA))
-        .expect("EdDSA test token verifies");
+    let token = jsonwebtoken::encode(&jsonwebtoken::Header::new(alg), &claims, &private).unwrap();
     assert_eq!(
         server
             .upgrade_status_with_token("/ws/notifications/", &token)
             .await,
-        101
+        101,
+        "{name} token"
     );
-    // An HS256 token, even one signed with the public key's bytes, is refused.
-    let hs = sign_with(Algorithm::HS256, ED25519_PUBLIC_PEM.as_bytes(), &claims);
+    let hs = sign_with(Algorithm::HS256, public_pem.as_bytes(), &claims);
     assert_eq!(
         server.upgrade_status_with_token("/ws/notifications/", &hs).await,
-        401
+        401,
+        "HS256 token signed with the {name} public key"
     );
     assert_eq!(
         server
             .upgrade_status_with_token("/ws/notifications/", &server.token("bob"))
             .await,
-        401
+        401,
+        "HS256 token on a {name} server"
     );
+}
+
+#[tokio::test]
+async fn eddsa_with_a_configured_public_key_accepts_its_tokens_and_refuses_hs256_ones() {
+    let key = jsonwebtoken::EncodingKey::from_ed_pem(ED25519_PRIVATE_PEM.as_bytes()).unwrap();
+    public_key_algorithm_accepts_its_tokens_and_refuses_hs256_ones(
+        Algorithm::EdDSA,
+        "EdDSA",
+        key,
+        ED25519_PUBLIC_PEM,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn es256_with_a_configured_public_key_accepts_its_tokens_and_refuses_hs256_ones() {
+    let key = jsonwebtoken::EncodingKey::from_ec_pem(P256_PRIVATE_PEM.as_bytes()).unwrap();
+    public_key_algorithm_accepts_its_tokens_and_refuses_hs256_ones(
+        Algorithm::ES256,
+        "ES256",
+        key,
+        P256_PUBLIC_PEM,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn rs256_with_a_configured_public_key_accepts_its_tokens_and_refuses_hs256_ones() {
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(RSA_PRIVATE_PEM.as_bytes()).unwrap();
+    public_key_algorithm_accepts_its_tokens_and_refuses_hs256_ones(
+        Algorithm::RS256,
+        "RS256",
+        key,
+        RSA_PUBLIC_PEM,
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -510,3 +510,11 @@ async fn metrics_counters_move_when_the_events_happen() {
     assert_eq!(sample(&after, "parley_open_sockets{kind=\"chat\"}"), 3.0);
     assert!(sample(&after, "parley_store_flush_seconds_count") > 0.0);
 }
+
+#[tokio::test]
+async fn metrics_can_be_turned_off_by_the_operator() {
+    // PROTOCOL.md: `/metrics` is served to anyone "(configurable)".
+    let server = crate::own_server!("--metrics", "false");
+    let (status, _, _) = server.get_text("/metrics").await;
+    assert_eq!(status, 404);
+}
