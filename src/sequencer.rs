@@ -435,8 +435,15 @@ impl Writer {
         let mut notifications: SmallVec<[Notification; 4]> = SmallVec::new();
         if kind == EventKind::Created {
             let participants = self.participants(conversation)?;
-            let text = format!("New message from {user}");
-            for p in self.hub.absent(conversation, &participants, user) {
+            let absent = self.hub.absent(conversation, &participants, user);
+            // Built only when someone is to be notified: in a room where
+            // everyone is watching, a message allocates no notification text.
+            let text = if absent.is_empty() {
+                String::new()
+            } else {
+                format!("New message from {user}")
+            };
+            for p in absent {
                 next.notification += 1;
                 notifications.push(Notification {
                     id: next.notification,
