@@ -19,7 +19,7 @@ use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use parley::hub::{Hub, Outbox};
 use parley::protocol::{self, ChatEvent, MessageView, Micros};
-use parley::ws::frame::{self, OpCode};
+use parley::wire::{self as frame, OpCode};
 
 const CONVERSATION: u64 = 1;
 /// The server's default `--max-outbound-bytes`.

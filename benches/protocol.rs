@@ -1,10 +1,10 @@
 //! The per-frame CPU cost of the wire contract.
 //!
-//! Inbound: `ws::frame::decode` of a masked client frame (header checks plus
+//! Inbound: `wire::decode` of a masked client frame (header checks plus
 //! unmasking in place), `protocol::parse_command` of its payload (simd-json,
 //! in place), and both together, as a chat socket does for every frame.
 //! Outbound: `protocol::encode_chat_event` into a reused `Vec` plus
-//! `ws::frame::put_frame`, as the sequencer does once per event (not once
+//! `wire::put_frame`, as the sequencer does once per event (not once
 //! per receiver).
 //!
 //! `cargo bench --bench protocol`
@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use parley::protocol::{self, ChatEvent, Command, MessageView, Micros};
-use parley::ws::frame::{self, OpCode};
+use parley::wire::{self as frame, OpCode};
 
 /// The server's default `--max-message-chars` and `--max-frame-bytes`.
 const MAX_CHARS: usize = 4000;

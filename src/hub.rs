@@ -23,15 +23,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use dashmap::DashMap;
 use smallvec::SmallVec;
 
-use crate::ws::frame::{self, OpCode};
-
-/// Why an outbox stopped accepting frames: the socket task sends this close
-/// and ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Closing {
-    pub code: u16,
-    pub reason: &'static str,
-}
+pub use crate::wire::Closing;
+use crate::wire::{self as frame, OpCode};
 
 pub const SLOW_CONSUMER: Closing = Closing {
     code: frame::close::TRY_AGAIN_LATER,

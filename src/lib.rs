@@ -3,10 +3,12 @@
 //!
 //! # Layout
 //! - [`config`]: flags and environment into one validated `Config`.
-//! - [`server`]: accept loop, shared state, graceful shutdown.
+//! - [`server`]: accept loop, graceful shutdown.
+//! - [`state`]: what every connection shares (HTTP and sockets).
 //! - [`http`]: routing, upgrade checks, the REST API.
 //! - [`auth`]: where tokens come from and whether they are valid.
-//! - [`ws`]: one socket's whole life; [`ws::frame`] is RFC 6455 framing.
+//! - [`ws`]: one socket's whole life.
+//! - [`wire`]: RFC 6455 framing and close codes, a leaf every layer may use.
 //! - [`protocol`]: inbound frames parsed in place, outbound events encoded once.
 //! - [`sequencer`]: the one writer: order, ids, group commit, then publish.
 //! - [`hub`]: who listens to what; publish = one shared `Bytes` per receiver queue.
@@ -21,5 +23,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod sequencer;
 pub mod server;
+pub mod state;
 pub mod store;
+pub mod wire;
 pub mod ws;

@@ -25,7 +25,7 @@ use crate::hub::{Hub, Outbox};
 use crate::metrics::Metrics;
 use crate::protocol::{self, ChatEvent, MessageView, Micros, NotificationView, Rejection, Rfc3339};
 use crate::store::{Change, Conversation, Counters, EventKind, Message, Notification, Store, StoreError};
-use crate::ws::frame::{self, OpCode};
+use crate::wire::{self as frame, OpCode};
 
 /// Most requests handled under one flush.
 const MAX_GROUP: usize = 1024;

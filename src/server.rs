@@ -21,28 +21,12 @@ use crate::config::{Config, Durability};
 use crate::hub::{Closing, Hub};
 use crate::metrics::Metrics;
 use crate::sequencer::Sequencer;
+use crate::state::Shared;
 use crate::store::{SledStore, Store, StoreError};
-use crate::ws::frame::close;
-
-pub const GOING_AWAY: Closing = Closing {
-    code: close::GOING_AWAY,
-    reason: "server shutting down",
-};
+use crate::wire::{close, GOING_AWAY};
 
 /// How long shutdown waits for connections to finish before exiting anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-
-/// What every connection shares, passed explicitly (no globals).
-pub struct Shared {
-    pub config: Config,
-    pub verifier: Verifier,
-    pub store: Arc<dyn Store>,
-    pub hub: Arc<Hub>,
-    pub sequencer: Sequencer,
-    pub metrics: Arc<Metrics>,
-    /// Open (or upgrading) WebSockets, for `--max-connections`.
-    pub sockets: AtomicUsize,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {

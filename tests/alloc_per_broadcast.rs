@@ -19,7 +19,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use parley::hub::{Hub, Outbox};
 use parley::protocol::{self, ChatEvent, MessageView, Micros};
-use parley::ws::frame::{self, OpCode};
+use parley::wire::{self as frame, OpCode};
 
 struct Counting;
 

@@ -3,7 +3,7 @@
 
 use parley::protocol::{self, ChatEvent, Command, MessageView, Micros};
 use parley::store::{Change, Counters, EventKind, Message, SledStore, Store};
-use parley::ws::frame::{self, OpCode};
+use parley::wire::{self as frame, OpCode};
 use proptest::prelude::*;
 use proptest::sample::Index;
 

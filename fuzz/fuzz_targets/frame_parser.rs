@@ -8,7 +8,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use parley::protocol;
-use parley::ws::frame::{self, OpCode};
+use parley::wire::{self as frame, OpCode};
 
 /// The server's defaults (`--max-frame-bytes`, `--max-message-chars`).
 const MAX_FRAME_BYTES: usize = 65536;

@@ -16,7 +16,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 
 use crate::auth::{self, AuthError, Identity};
-use crate::server::Shared;
+use crate::state::Shared;
 
 pub type Body = Full<Bytes>;
 

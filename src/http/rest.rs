@@ -17,7 +17,7 @@ use super::{json, ApiError, Body, Route};
 use crate::auth::{self, Identity};
 use crate::protocol::{MessageView, Rfc3339};
 use crate::sequencer::{notification_view, Request as Write};
-use crate::server::Shared;
+use crate::state::Shared;
 use crate::store::{Conversation, Page};
 
 pub fn healthz(shared: &Shared) -> Response<Body> {

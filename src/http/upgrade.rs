@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 
 use super::{ApiError, Body, Route};
 use crate::auth::{self, AuthError};
-use crate::server::Shared;
+use crate::state::Shared;
 use crate::ws::{self, Session, Topic};
 
 pub async fn upgrade(

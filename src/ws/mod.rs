@@ -13,8 +13,6 @@
 //! interleave, and nothing follows the close. This module never touches the
 //! store: writes go to the sequencer.
 
-pub mod frame;
-
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::num::NonZeroU64;
@@ -34,8 +32,8 @@ use crate::hub::{Closing, Outbox};
 use crate::metrics::Kind;
 use crate::protocol::{self, Command, Rejection};
 use crate::sequencer::{ChatOp, Request, Resume, WriteError};
-use crate::server::{Shared, GOING_AWAY};
-use frame::{close, OpCode, Violation};
+use crate::state::Shared;
+use crate::wire::{self as frame, close, OpCode, Violation, GOING_AWAY};
 
 /// What the socket is subscribed to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

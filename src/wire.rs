@@ -1,5 +1,8 @@
-//! RFC 6455 framing: decoding client frames from a socket's read buffer and
-//! encoding server frames.
+//! RFC 6455 on the wire: decoding client frames from a socket's read
+//! buffer, encoding server frames, and the close codes parley sends.
+//!
+//! A leaf: it knows bytes and nothing of chat, sockets or the store, so
+//! every layer (the socket engine, the hub, the sequencer) may use it.
 //!
 //! parley decodes frames itself rather than holding a fastwebsockets
 //! `WebSocket` per socket: that type keeps an 8 KiB read buffer for the
@@ -60,6 +63,20 @@ pub mod close {
     pub const INTERNAL: u16 = 1011;
     pub const TRY_AGAIN_LATER: u16 = 1013;
 }
+
+/// A close frame to send: why an outbox stopped accepting frames. The
+/// socket task sends it and ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Closing {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+/// The close every socket gets when the server shuts down.
+pub const GOING_AWAY: Closing = Closing {
+    code: close::GOING_AWAY,
+    reason: "server shutting down",
+};
 
 /// Why the connection must be closed, with the close code to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
