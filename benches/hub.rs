@@ -17,11 +17,12 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use parley::hub::{Hub, Outbox};
+use parley::hub::{Hub, Outbox, Topic};
+use parley::ids::ConversationId;
 use parley::protocol::{self, ChatEvent, MessageView, Micros};
 use parley::wire::{self as frame, OpCode};
 
-const CONVERSATION: u64 = 1;
+const CONVERSATION: ConversationId = ConversationId(1);
 /// The server's default `--max-outbound-bytes`.
 const LIMIT: usize = 4 << 20;
 
@@ -43,13 +44,14 @@ fn frame() -> Bytes {
     b.freeze()
 }
 
-fn room(n: usize) -> (Hub, Vec<Arc<Outbox>>) {
-    let hub = Hub::new();
+fn room(n: usize) -> (Arc<Hub>, Vec<Arc<Outbox>>) {
+    let hub = Arc::new(Hub::new());
     let outboxes: Vec<_> = (0..n)
         .map(|i| Outbox::new(Arc::from(format!("user{i}")), LIMIT))
         .collect();
     for o in &outboxes {
-        hub.join(CONVERSATION, o);
+        // Joined for the whole run: the membership is never dropped.
+        std::mem::forget(hub.subscribe(Topic::Chat(CONVERSATION), o));
     }
     (hub, outboxes)
 }

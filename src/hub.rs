@@ -1,258 +1,85 @@
-//! Who is listening to what, and handing them bytes.
+//! Who is listening to what on this node, and handing them bytes.
 //!
 //! A [`Hub`] maps each conversation to its open chat sockets and each user to
 //! their notification sockets. Publishing clones one `Bytes` (already framed,
-//! the same for every receiver) into each receiver's bounded [`Outbox`] and
-//! wakes its socket task: no encoding and no allocation per receiver. A map
-//! guard is never held across an `.await` (nothing here is async), and the
+//! the same for every receiver) into each receiver's bounded [`Outbox`]: no
+//! encoding and no allocation per receiver. Nothing here is async, and the
 //! hub never touches the store.
 //!
-//! This is the local half of fan-out. Across several nodes, the sequencer
-//! would publish to Redis and each node's subscriber would call the same
-//! `publish_*` methods; sockets would not change.
+//! Two interfaces face the writer side, so that a cluster can put its own
+//! implementation in front of this one without the sequencer changing:
+//! - [`FanOut`]: where a group's output goes. The local implementation is
+//!   the hub itself; across nodes a bus publishes the same [`Batch`] and each
+//!   node's subscriber hands it to its own hub.
+//! - [`Presence`]: who is watching a conversation, which decides who gets a
+//!   notification for a chat message. Locally that is the hub's rooms.
+//!
+//! A socket joins in exactly one place, [`Hub::subscribe`], and leaves in
+//! exactly one place, when its [`Membership`] drops.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::Instant;
+use std::num::NonZeroU64;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use atomic_waker::AtomicWaker;
-use std::os::fd::RawFd;
-
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::Bytes;
 use dashmap::DashMap;
 use smallvec::SmallVec;
 
-pub use crate::wire::Closing;
-use crate::wire::{self as frame, OpCode};
+use crate::ids::{ConversationId, Seq};
+pub use crate::outbox::Outbox;
+use crate::wire::Closing;
 
-pub const SLOW_CONSUMER: Closing = Closing {
-    code: frame::close::TRY_AGAIN_LATER,
-    reason: "slow consumer: outbound queue full; reconnect with ?after= to resume",
-};
-
-/// The one ordered path to a socket's writer. Broadcasts, error frames,
-/// pongs and the close all go through it, so frames never interleave.
-pub struct Outbox {
-    state: Mutex<Queue>,
-    /// The socket task, woken when something is queued.
-    waker: AtomicWaker,
-    /// The socket's user: whether they are watching a conversation decides
-    /// who gets a notification for a chat message.
-    pub user: Arc<str>,
-    limit: usize,
-    /// When the peer last sent anything, in [`coarse_now`] tenths; the
-    /// reaper pings sockets quiet for too long and closes those that stay so.
-    last_heard: AtomicU32,
-    /// A ping went out in the current quiet spell.
-    pinged: AtomicBool,
+/// What a socket is subscribed to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topic {
+    Chat(ConversationId),
+    Notifications,
 }
 
-/// Tenths of a second since the process started: a clock cheap enough to
-/// read on every inbound burst and small enough to keep per socket (it
-/// wraps after 13 years).
-pub fn coarse_now() -> u32 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    (START.get_or_init(Instant::now).elapsed().as_millis() / 100) as u32
-}
-
-/// A duration in [`coarse_now`] units.
-pub fn tenths(d: std::time::Duration) -> u32 {
-    (d.as_millis() / 100).clamp(1, u32::MAX as u128) as u32
-}
-
-struct Queue {
-    /// Usually one shared batch at a time, kept inline.
-    frames: SmallVec<[Bytes; 1]>,
-    bytes: usize,
-    closing: Option<Closing>,
-    /// The socket task holds frames it is writing: others must queue.
-    busy: bool,
-    /// The socket's descriptor is closed or closing.
-    gone: bool,
-    /// The socket, for writing without waking its task; -1 until attached.
-    fd: RawFd,
-}
-
-impl Default for Queue {
-    fn default() -> Queue {
-        Queue {
-            frames: SmallVec::new(),
-            bytes: 0,
-            closing: None,
-            busy: false,
-            gone: false,
-            fd: -1,
+impl Topic {
+    /// The metrics label of a socket on this topic.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Topic::Chat(_) => "chat",
+            Topic::Notifications => "notifications",
         }
     }
 }
 
-/// What a socket task takes from its outbox in one go.
-pub struct Drained {
-    pub frames: SmallVec<[Bytes; 1]>,
-    pub closing: Option<Closing>,
+/// One conversation's share of a write group, ready to deliver: every event
+/// of the group for that conversation, framed, in commit order, in one
+/// buffer that every receiver shares.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub conversation: ConversationId,
+    pub frames: Bytes,
+    /// How many events `frames` holds (deliveries are counted per event).
+    pub events: u32,
+    /// The log position of the last event in `frames`: a receiver that
+    /// knows the position it had can tell whether it missed something.
+    pub last_seq: Seq,
 }
 
-impl Outbox {
-    /// An outbox that queues until a socket is [attached](Outbox::attach).
-    pub fn new(user: Arc<str>, limit: usize) -> Arc<Outbox> {
-        Arc::new(Outbox {
-            state: Mutex::new(Queue::default()),
-            waker: AtomicWaker::new(),
-            user,
-            limit,
-            last_heard: AtomicU32::new(coarse_now()),
-            pinged: AtomicBool::new(false),
-        })
-    }
-
-    /// The peer sent something: it is alive.
-    pub fn heard(&self) {
-        self.last_heard.store(coarse_now(), Ordering::Relaxed);
-        self.pinged.store(false, Ordering::Relaxed);
-    }
-
-    /// Marks this quiet spell as pinged; true the first time only.
-    pub fn first_ping(&self) -> bool {
-        !self.pinged.swap(true, Ordering::Relaxed)
-    }
-
-    /// Tenths of a second since the peer last sent anything.
-    pub fn quiet_for(&self) -> u32 {
-        coarse_now().saturating_sub(self.last_heard.load(Ordering::Relaxed))
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Queue> {
-        // A panic while holding this lock cannot leave the queue half-updated
-        // in a way that matters (it is a list of whole frames), so poisoning
-        // is ignored rather than spreading the panic to every publisher.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Queues already-framed bytes. Beyond the limit the socket is marked
-    /// for closing as a slow consumer and its queue is dropped, so one stuck
-    /// reader never holds memory for more than `limit` bytes.
-    pub fn push(&self, bytes: Bytes) {
-        self.push_inner(bytes, false)
-    }
-
-    /// Queues frames that must not count against the limit (a resume
-    /// replay, itself bounded by `--max-replay-events`).
-    pub fn push_unbounded(&self, bytes: Bytes) {
-        self.push_inner(bytes, true)
-    }
-
-    fn push_inner(&self, mut bytes: Bytes, unbounded: bool) {
-        let mut q = self.lock();
-        if q.closing.is_some() || q.gone {
-            return;
-        }
-        if !q.busy && q.frames.is_empty() {
-            // The socket's writer is idle and nothing is queued: write now,
-            // from this thread, and wake nobody if the kernel takes it all.
-            // Holding the lock keeps the socket task from writing meanwhile.
-            match send_now(q.fd, &bytes) {
-                Some(n) if n == bytes.len() => return,
-                Some(n) => bytes.advance(n),
-                None => {}
-            }
-        }
-        if !unbounded && q.bytes + bytes.len() > self.limit {
-            // What is queued stays (it may finish a frame already half
-            // written) and is bounded by the limit; this frame and all later
-            // ones are dropped, and the close follows the queue.
-            q.closing = Some(SLOW_CONSUMER);
-        } else {
-            q.bytes += bytes.len();
-            q.frames.push(bytes);
-        }
-        drop(q);
-        self.waker.wake();
-    }
-
-    /// Queues one text frame of this socket's own (an error reply).
-    pub fn push_text(&self, payload: &[u8]) {
-        let mut b = BytesMut::with_capacity(payload.len() + 4);
-        frame::put_frame(&mut b, OpCode::Text, payload);
-        self.push(b.freeze());
-    }
-
-    /// Asks the socket task to send this close and end.
-    pub fn close(&self, closing: Closing) {
-        let mut q = self.lock();
-        if q.closing.is_none() {
-            q.closing = Some(closing);
-        }
-        drop(q);
-        self.waker.wake();
-    }
-
-    /// The close asked for, if any.
-    pub fn closing(&self) -> Option<Closing> {
-        self.lock().closing
-    }
-
-    /// Takes everything queued. The caller becomes the socket's writer
-    /// until it calls [`Outbox::release`]: no direct writes meanwhile.
-    pub fn drain(&self) -> Drained {
-        let mut q = self.lock();
-        q.bytes = 0;
-        let frames = std::mem::take(&mut q.frames);
-        q.busy |= !frames.is_empty() || q.closing.is_some();
-        Drained {
-            frames,
-            closing: q.closing,
-        }
-    }
-
-    /// The writer has written everything it took. Returns false if more was
-    /// queued meanwhile (the writer must drain again).
-    pub fn release(&self) -> bool {
-        let mut q = self.lock();
-        if q.frames.is_empty() && q.closing.is_none() {
-            q.busy = false;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// The upgraded socket: from now on an idle writer lets publishers
-    /// write to it directly.
-    pub fn attach(&self, fd: RawFd) {
-        self.lock().fd = fd;
-    }
-
-    /// The socket is closing its descriptor: never write to it again.
-    pub fn detach(&self) {
-        let mut q = self.lock();
-        q.gone = true;
-        q.fd = -1;
-    }
-
-    /// Wakes `waker` when something is queued (checked by the next drain).
-    pub fn register(&self, waker: &std::task::Waker) {
-        self.waker.register(waker);
-    }
+/// Where the writer's output goes once it is durable.
+pub trait FanOut: Send + Sync {
+    /// Hands a conversation's batch to every socket watching it; returns
+    /// how many sockets (of this node) it reached.
+    fn publish(&self, batch: &Batch) -> usize;
+    /// Hands framed notifications to every notification socket of `user`;
+    /// returns how many sockets (of this node) it reached.
+    fn publish_user(&self, user: &str, frames: &Bytes) -> usize;
 }
 
-/// One non-blocking `send` on a socket; `None` when it took nothing (full,
-/// broken, or no socket yet: the frame is queued and the task deals with it).
-fn send_now(fd: RawFd, bytes: &[u8]) -> Option<usize> {
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: the caller holds the outbox lock, and the socket task clears
-    // `fd` under that lock (`detach`) before it closes the descriptor.
-    let n = unsafe {
-        libc::send(
-            fd,
-            bytes.as_ptr().cast(),
-            bytes.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-        )
-    };
-    (n > 0).then_some(n as usize)
+/// Who is watching which conversation.
+pub trait Presence: Send + Sync {
+    /// The participants other than `sender` with no chat socket open on the
+    /// conversation: who gets a notification for a new message.
+    fn absent(
+        &self,
+        conversation: ConversationId,
+        participants: &[Arc<str>],
+        sender: &str,
+    ) -> SmallVec<[Arc<str>; 4]>;
 }
 
 /// The sockets open on one conversation, and which users they belong to.
@@ -262,12 +89,57 @@ struct Room {
     /// Open chat sockets per user: a user with at least one gets no
     /// notification for the conversation's messages.
     watching: HashMap<Arc<str>, u32>,
+    /// Removed from the map: a joiner that finds this retries.
+    dead: bool,
+}
+
+/// A room behind its own lock, so that a fan-out to a big room holds that
+/// room only, never a map shard: joins to other rooms go on meanwhile.
+type SharedRoom = Arc<Mutex<Room>>;
+
+fn lock(room: &Mutex<Room>) -> MutexGuard<'_, Room> {
+    // A room is a list of whole entries; a panic elsewhere cannot leave it
+    // half-updated in a way that matters, so poisoning is ignored.
+    room.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[derive(Default)]
 pub struct Hub {
-    rooms: DashMap<u64, Room>,
+    rooms: DashMap<ConversationId, SharedRoom>,
     inboxes: DashMap<Arc<str>, SmallVec<[Arc<Outbox>; 2]>>,
+}
+
+/// A socket's place in the hub. Dropping it is the one way to leave.
+///
+/// Kept at three words (the topic packed into one: conversation ids are
+/// positive), because every open socket carries one.
+pub struct Membership {
+    hub: Arc<Hub>,
+    outbox: Arc<Outbox>,
+    /// `None` for the notifications topic.
+    conversation: Option<NonZeroU64>,
+}
+
+impl Membership {
+    pub fn topic(&self) -> Topic {
+        match self.conversation {
+            Some(c) => Topic::Chat(ConversationId(c.get())),
+            None => Topic::Notifications,
+        }
+    }
+
+    pub fn outbox(&self) -> &Arc<Outbox> {
+        &self.outbox
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        match self.topic() {
+            Topic::Chat(id) => self.hub.leave(id, &self.outbox),
+            Topic::Notifications => self.hub.unlisten(&self.outbox),
+        }
+    }
 }
 
 impl Hub {
@@ -275,41 +147,74 @@ impl Hub {
         Hub::default()
     }
 
-    pub fn join(&self, conversation: u64, outbox: &Arc<Outbox>) {
-        let mut room = self.rooms.entry(conversation).or_default();
-        room.peers.push(outbox.clone());
-        *room.watching.entry(outbox.user.clone()).or_insert(0) += 1;
-    }
-
-    pub fn leave(&self, conversation: u64, outbox: &Arc<Outbox>) {
-        let empty = match self.rooms.get_mut(&conversation) {
-            Some(mut room) => {
-                if let Some(i) = room.peers.iter().position(|p| Arc::ptr_eq(p, outbox)) {
-                    room.peers.swap_remove(i);
-                    if let Some(n) = room.watching.get_mut(&outbox.user) {
-                        *n -= 1;
-                        if *n == 0 {
-                            room.watching.remove(&outbox.user);
-                        }
-                    }
-                }
-                room.peers.is_empty()
+    /// Joins `outbox` to `topic`: from now on it gets everything published
+    /// there. Conversation id 0 does not exist and is never joined.
+    pub fn subscribe(self: &Arc<Self>, topic: Topic, outbox: &Arc<Outbox>) -> Membership {
+        let conversation = match topic {
+            Topic::Chat(id) => {
+                self.join(id, outbox);
+                Some(NonZeroU64::new(id.get()).expect("conversation ids are positive"))
             }
-            None => false,
+            Topic::Notifications => {
+                self.listen(outbox);
+                None
+            }
         };
-        if empty {
-            self.rooms.remove_if(&conversation, |_, r| r.peers.is_empty());
+        Membership {
+            hub: self.clone(),
+            outbox: outbox.clone(),
+            conversation,
         }
     }
 
-    pub fn listen(&self, outbox: &Arc<Outbox>) {
+    fn join(&self, conversation: ConversationId, outbox: &Arc<Outbox>) {
+        loop {
+            // The map's shard is held only to find the room, never while
+            // waiting for the room's lock (a fan-out may hold it).
+            let room = self.rooms.entry(conversation).or_default().clone();
+            let mut r = lock(&room);
+            if r.dead {
+                // Emptied and being removed by a leaver: take a fresh one.
+                drop(r);
+                std::thread::yield_now();
+                continue;
+            }
+            r.peers.push(outbox.clone());
+            *r.watching.entry(outbox.user.clone()).or_insert(0) += 1;
+            return;
+        }
+    }
+
+    fn leave(&self, conversation: ConversationId, outbox: &Arc<Outbox>) {
+        let Some(room) = self.room(conversation) else {
+            return;
+        };
+        let mut r = lock(&room);
+        if let Some(i) = r.peers.iter().position(|p| Arc::ptr_eq(p, outbox)) {
+            r.peers.swap_remove(i);
+            if let Some(n) = r.watching.get_mut(&outbox.user) {
+                *n -= 1;
+                if *n == 0 {
+                    r.watching.remove(&outbox.user);
+                }
+            }
+        }
+        if r.peers.is_empty() {
+            r.dead = true;
+            drop(r);
+            self.rooms
+                .remove_if(&conversation, |_, cur| Arc::ptr_eq(cur, &room));
+        }
+    }
+
+    fn listen(&self, outbox: &Arc<Outbox>) {
         self.inboxes
             .entry(outbox.user.clone())
             .or_default()
             .push(outbox.clone());
     }
 
-    pub fn unlisten(&self, outbox: &Arc<Outbox>) {
+    fn unlisten(&self, outbox: &Arc<Outbox>) {
         let empty = match self.inboxes.get_mut(&outbox.user) {
             Some(mut list) => {
                 if let Some(i) = list.iter().position(|p| Arc::ptr_eq(p, outbox)) {
@@ -324,38 +229,46 @@ impl Hub {
         }
     }
 
-    /// The participants other than `sender` with no chat socket open on the
-    /// conversation: who gets a notification for a new message.
-    pub fn absent(
-        &self,
-        conversation: u64,
-        participants: &[Arc<str>],
-        sender: &str,
-    ) -> SmallVec<[Arc<str>; 4]> {
-        let room = self.rooms.get(&conversation);
-        participants
-            .iter()
-            .filter(|p| &***p != sender)
-            .filter(|p| !room.as_ref().is_some_and(|r| r.watching.contains_key(&***p)))
-            .cloned()
-            .collect()
+    fn room(&self, conversation: ConversationId) -> Option<SharedRoom> {
+        self.rooms.get(&conversation).map(|r| r.clone())
     }
 
     /// Hands `frames` to every socket of the conversation; returns how many.
-    pub fn publish_conversation(&self, conversation: u64, frames: &Bytes) -> usize {
-        match self.rooms.get(&conversation) {
+    pub fn publish_conversation(&self, conversation: ConversationId, frames: &Bytes) -> usize {
+        match self.room(conversation) {
             Some(room) => {
-                for p in &room.peers {
+                let r = lock(&room);
+                for p in &r.peers {
                     p.push(frames.clone());
                 }
-                room.peers.len()
+                r.peers.len()
             }
             None => 0,
         }
     }
 
-    /// Hands `frames` to every notification socket of `user`; returns how many.
-    pub fn publish_user(&self, user: &str, frames: &Bytes) -> usize {
+    /// Calls `f` on every open socket (shutdown, the idle reaper).
+    pub fn each(&self, mut f: impl FnMut(&Arc<Outbox>)) {
+        let rooms: Vec<SharedRoom> = self.rooms.iter().map(|r| r.clone()).collect();
+        for room in rooms {
+            lock(&room).peers.iter().for_each(&mut f);
+        }
+        for list in self.inboxes.iter() {
+            list.iter().for_each(&mut f);
+        }
+    }
+
+    pub fn close_all(&self, closing: Closing) {
+        self.each(|p| p.close(closing));
+    }
+}
+
+impl FanOut for Hub {
+    fn publish(&self, batch: &Batch) -> usize {
+        self.publish_conversation(batch.conversation, &batch.frames)
+    }
+
+    fn publish_user(&self, user: &str, frames: &Bytes) -> usize {
         match self.inboxes.get(user) {
             Some(list) => {
                 for p in list.iter() {
@@ -366,18 +279,82 @@ impl Hub {
             None => 0,
         }
     }
+}
 
-    /// Calls `f` on every open socket (shutdown, the idle reaper).
-    pub fn each(&self, mut f: impl FnMut(&Arc<Outbox>)) {
-        for room in self.rooms.iter() {
-            room.peers.iter().for_each(&mut f);
-        }
-        for list in self.inboxes.iter() {
-            list.iter().for_each(&mut f);
-        }
+impl Presence for Hub {
+    fn absent(
+        &self,
+        conversation: ConversationId,
+        participants: &[Arc<str>],
+        sender: &str,
+    ) -> SmallVec<[Arc<str>; 4]> {
+        let room = self.room(conversation);
+        let room = room.as_deref().map(lock);
+        participants
+            .iter()
+            .filter(|p| &***p != sender)
+            .filter(|p| !room.as_ref().is_some_and(|r| r.watching.contains_key(&***p)))
+            .cloned()
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outbox(user: &str) -> Arc<Outbox> {
+        Outbox::new(Arc::from(user), 1 << 20)
     }
 
-    pub fn close_all(&self, closing: Closing) {
-        self.each(|p| p.close(closing));
+    #[test]
+    fn a_membership_leaves_when_dropped() {
+        let hub = Arc::new(Hub::new());
+        let c = ConversationId(7);
+        let a = outbox("alice");
+        let m = hub.subscribe(Topic::Chat(c), &a);
+        assert_eq!(m.topic(), Topic::Chat(c));
+        assert_eq!(hub.publish_conversation(c, &Bytes::from_static(b"x")), 1);
+        let parts: [Arc<str>; 2] = [Arc::from("alice"), Arc::from("bob")];
+        assert_eq!(hub.absent(c, &parts, "bob").len(), 0, "alice watches");
+        drop(m);
+        assert_eq!(hub.publish_conversation(c, &Bytes::from_static(b"x")), 0);
+        assert_eq!(hub.absent(c, &parts, "bob").len(), 1, "nobody watches");
+        assert!(hub.rooms.is_empty(), "an empty room is removed");
+    }
+
+    #[test]
+    fn notifications_reach_every_socket_of_the_user_only() {
+        let hub = Arc::new(Hub::new());
+        let (a1, a2, b) = (outbox("alice"), outbox("alice"), outbox("bob"));
+        let _m = [
+            hub.subscribe(Topic::Notifications, &a1),
+            hub.subscribe(Topic::Notifications, &a2),
+            hub.subscribe(Topic::Notifications, &b),
+        ];
+        assert_eq!(hub.publish_user("alice", &Bytes::from_static(b"n")), 2);
+        assert_eq!(hub.publish_user("carol", &Bytes::from_static(b"n")), 0);
+    }
+
+    #[test]
+    fn joins_and_leaves_from_many_threads_leave_no_ghost() {
+        let hub = Arc::new(Hub::new());
+        let c = ConversationId(1);
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let hub = hub.clone();
+                s.spawn(move || {
+                    for i in 0..2000 {
+                        let o = outbox(&format!("u{t}-{i}"));
+                        let m = hub.subscribe(Topic::Chat(c), &o);
+                        drop(m);
+                    }
+                });
+            }
+        });
+        assert!(hub.rooms.is_empty());
+        let o = outbox("late");
+        let _m = hub.subscribe(Topic::Chat(c), &o);
+        assert_eq!(hub.publish_conversation(c, &Bytes::from_static(b"x")), 1);
     }
 }

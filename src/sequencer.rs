@@ -21,8 +21,10 @@ use smallvec::SmallVec;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Durability;
-use crate::hub::{Hub, Outbox};
+use crate::hub::{FanOut, Hub, Membership, Presence, Topic};
+use crate::ids::ConversationId;
 use crate::metrics::Metrics;
+use crate::outbox::Outbox;
 use crate::protocol::{self, ChatEvent, MessageView, Micros, NotificationView, Rejection, Rfc3339};
 use crate::store::{Change, Conversation, Counters, EventKind, Message, Notification, Store, StoreError};
 use crate::wire::{self as frame, OpCode};
@@ -92,21 +94,14 @@ pub enum Request {
     Resume(Resume),
 }
 
-/// A socket that replays what it missed, then goes live (Part D).
-pub enum Resume {
-    /// Replay the conversation after `after_seq`, then join its live stream.
-    Chat {
-        conversation: u64,
-        after_seq: u64,
-        outbox: Arc<Outbox>,
-        reply: Reply<()>,
-    },
-    /// Replay the user's notifications after `after`, then listen live.
-    Notifications {
-        after: u64,
-        outbox: Arc<Outbox>,
-        reply: Reply<()>,
-    },
+/// A socket that replays what it missed, then goes live (Part D): the
+/// chat topic replays the conversation's log after position `after`, the
+/// notifications topic the user's notifications with an id above it.
+pub struct Resume {
+    pub topic: Topic,
+    pub after: u64,
+    pub outbox: Arc<Outbox>,
+    pub reply: Reply<Membership>,
 }
 
 /// The handle sockets and REST handlers submit requests through.
@@ -435,7 +430,7 @@ impl Writer {
         let mut notifications: SmallVec<[Notification; 4]> = SmallVec::new();
         if kind == EventKind::Created {
             let participants = self.participants(conversation)?;
-            let absent = self.hub.absent(conversation, &participants, user);
+            let absent = self.hub.absent(ConversationId(conversation), &participants, user);
             // Built only when someone is to be notified: in a room where
             // everyone is watching, a message allocates no notification text.
             let text = if absent.is_empty() {
@@ -590,7 +585,9 @@ impl Writer {
         if flush_err.is_none() {
             for (conversation, frames, events) in out.conversations.drain(..) {
                 let frames = frames.freeze();
-                let n = self.hub.publish_conversation(conversation, &frames);
+                let n = self
+                    .hub
+                    .publish_conversation(ConversationId(conversation), &frames);
                 self.metrics.deliveries.inc_by(n as u64 * events);
             }
             for (user, frames) in out.users.drain(..) {
@@ -632,57 +629,53 @@ impl Writer {
     }
 
     fn resume(&mut self, r: Resume) {
+        let Resume {
+            topic,
+            after,
+            outbox,
+            reply,
+        } = r;
         let mut frames = BytesMut::new();
-        let (result, reply) = match r {
-            Resume::Chat {
-                conversation,
-                after_seq,
-                outbox,
-                reply,
-            } => {
-                let r = self
-                    .store
-                    .events_after(conversation, after_seq, self.max_replay)
-                    .map(|replay| {
-                        if let Some(after) = replay.truncated_after {
-                            self.scratch.clear();
-                            protocol::encode_truncated(&mut self.scratch, after);
-                            frame::put_frame(&mut frames, OpCode::Text, &self.scratch);
-                        }
-                        for e in &replay.items {
-                            frame::put_frame(&mut frames, OpCode::Text, &e.payload);
-                        }
-                        if !frames.is_empty() {
-                            outbox.push_unbounded(frames.freeze());
-                        }
-                        self.hub.join(conversation, &outbox);
-                    });
-                (r, reply)
-            }
-            Resume::Notifications { after, outbox, reply } => {
-                let r = self
-                    .store
-                    .notifications_after(&outbox.user, after, self.max_replay)
-                    .map(|replay| {
-                        if let Some(after) = replay.truncated_after {
-                            self.scratch.clear();
-                            protocol::encode_truncated(&mut self.scratch, after);
-                            frame::put_frame(&mut frames, OpCode::Text, &self.scratch);
-                        }
-                        for n in &replay.items {
-                            self.scratch.clear();
-                            protocol::encode_notification(&mut self.scratch, &notification_view(n));
-                            frame::put_frame(&mut frames, OpCode::Text, &self.scratch);
-                        }
-                        if !frames.is_empty() {
-                            outbox.push_unbounded(frames.freeze());
-                        }
-                        self.hub.listen(&outbox);
-                    });
-                (r, reply)
-            }
+        let replayed = match topic {
+            Topic::Chat(conversation) => self
+                .store
+                .events_after(conversation.get(), after, self.max_replay)
+                .map(|replay| {
+                    self.put_truncated(&mut frames, replay.truncated_after);
+                    for e in &replay.items {
+                        frame::put_frame(&mut frames, OpCode::Text, &e.payload);
+                    }
+                }),
+            Topic::Notifications => self
+                .store
+                .notifications_after(&outbox.user, after, self.max_replay)
+                .map(|replay| {
+                    self.put_truncated(&mut frames, replay.truncated_after);
+                    for n in &replay.items {
+                        self.scratch.clear();
+                        protocol::encode_notification(&mut self.scratch, &notification_view(n));
+                        frame::put_frame(&mut frames, OpCode::Text, &self.scratch);
+                    }
+                }),
         };
+        let result = replayed.map(|()| {
+            if !frames.is_empty() {
+                outbox.push_unbounded(frames.freeze());
+            }
+            // Joined here, between two groups: nothing can be published
+            // between the end of the replay and the start of the live stream.
+            self.hub.subscribe(topic, &outbox)
+        });
         let _ = reply.send(result.map_err(WriteError::from));
+    }
+
+    /// Part D's `resume.truncated` frame, when the replay was cut.
+    fn put_truncated(&mut self, frames: &mut BytesMut, truncated_after: Option<u64>) {
+        if let Some(after) = truncated_after {
+            self.scratch.clear();
+            protocol::encode_truncated(&mut self.scratch, after);
+            frame::put_frame(frames, OpCode::Text, &self.scratch);
+        }
     }
 }
 

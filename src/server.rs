@@ -18,11 +18,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Verifier;
 use crate::config::{Config, Durability};
-use crate::hub::{Closing, Hub};
+use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::sequencer::Sequencer;
 use crate::state::Shared;
 use crate::store::{SledStore, Store, StoreError};
+use crate::wire::Closing;
 use crate::wire::{close, GOING_AWAY};
 
 /// How long shutdown waits for connections to finish before exiting anyway.
@@ -144,8 +145,8 @@ async fn reap_idle(shared: Arc<Shared>, interval: Duration, shutdown: Cancellati
         code: close::GOING_AWAY,
         reason: "no answer to ping",
     };
-    let ping_after = crate::hub::tenths(interval);
-    let give_up_after = ping_after + crate::hub::tenths(shared.config.ping_timeout);
+    let ping_after = crate::outbox::tenths(interval);
+    let give_up_after = ping_after + crate::outbox::tenths(shared.config.ping_timeout);
     // Fine enough that a deadline is kept to within a fifth of it.
     let tick = (interval.min(shared.config.ping_timeout) / 5)
         .clamp(Duration::from_millis(100), Duration::from_secs(5));

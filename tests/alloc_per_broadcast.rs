@@ -17,7 +17,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use parley::hub::{Hub, Outbox};
+use parley::hub::{Hub, Outbox, Topic};
+use parley::ids::ConversationId;
 use parley::protocol::{self, ChatEvent, MessageView, Micros};
 use parley::wire::{self as frame, OpCode};
 
@@ -72,7 +73,7 @@ fn allocations_during<R>(f: impl FnOnce() -> R) -> (usize, R) {
     (ALLOCATIONS.load(Ordering::Relaxed) - before, r)
 }
 
-const CONVERSATION: u64 = 1;
+const CONVERSATION: ConversationId = ConversationId(1);
 const LIMIT: usize = 4 << 20;
 
 /// Encodes one `message.created` event as the sequencer does: the JSON into
@@ -102,13 +103,14 @@ fn fresh_frame(id: u64) -> Bytes {
 
 /// One conversation with `receivers` sockets, warmed up: several broadcasts
 /// published and drained, so every queue and map is at its steady state.
-fn warm_room(receivers: usize) -> (Hub, Vec<Arc<Outbox>>) {
-    let hub = Hub::new();
+fn warm_room(receivers: usize) -> (Arc<Hub>, Vec<Arc<Outbox>>) {
+    let hub = Arc::new(Hub::new());
     let outboxes: Vec<_> = (0..receivers)
         .map(|i| Outbox::new(Arc::from(format!("user{i}")), LIMIT))
         .collect();
     for o in &outboxes {
-        hub.join(CONVERSATION, o);
+        // Joined for the whole run: the membership is never dropped.
+        std::mem::forget(hub.subscribe(Topic::Chat(CONVERSATION), o));
     }
     for id in 0..8 {
         assert_eq!(

@@ -128,12 +128,7 @@ fn check(req: &Request<Incoming>, route: Route, shared: &Shared) -> Result<(Sess
                     }
                 }
             };
-            (
-                Topic::Chat(
-                    std::num::NonZeroU64::new(id).ok_or(ApiError::not_found("no such conversation"))?,
-                ),
-                resume,
-            )
+            (Topic::Chat(crate::ids::ConversationId(id)), resume)
         }
         Route::Notifications => {
             let resume = match after_raw {

@@ -15,7 +15,6 @@
 
 use std::future::Future;
 use std::io::{self, IoSlice};
-use std::num::NonZeroU64;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -28,28 +27,15 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::mpsc::OwnedPermit;
 
-use crate::hub::{Closing, Outbox};
+use crate::hub::Membership;
+pub use crate::hub::Topic;
 use crate::metrics::Kind;
+use crate::outbox::Outbox;
 use crate::protocol::{self, Command, Rejection};
 use crate::sequencer::{ChatOp, Request, Resume, WriteError};
 use crate::state::Shared;
+use crate::wire::Closing;
 use crate::wire::{self as frame, close, OpCode, Violation, GOING_AWAY};
-
-/// What the socket is subscribed to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Topic {
-    Chat(NonZeroU64),
-    Notifications,
-}
-
-impl Topic {
-    fn kind(self) -> &'static str {
-        match self {
-            Topic::Chat(_) => "chat",
-            Topic::Notifications => "notifications",
-        }
-    }
-}
 
 /// What the upgrade checks established.
 pub struct Session {
@@ -65,12 +51,11 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Bytes read per wake-up before yielding to other sockets.
 const READ_BUDGET: usize = 256 * 1024;
 
-/// A socket's place in the hub, taken before its 101 is sent so that a
-/// client that has its 101 misses nothing. Dropping it leaves the hub and
-/// gives back the connection slot.
+/// A socket's place in the hub and its connection slot, taken before its
+/// 101 is sent so that a client that has its 101 misses nothing. Dropping
+/// it gives back the slot and (through its [`Membership`]) leaves the hub.
 pub struct Subscription {
-    topic: Topic,
-    outbox: Arc<Outbox>,
+    membership: Membership,
     shared: Arc<Shared>,
 }
 
@@ -83,71 +68,81 @@ pub enum JoinError {
     Store(WriteError),
 }
 
+/// A connection slot and its gauge, given back on drop unless kept.
+struct Slot<'a> {
+    shared: &'a Shared,
+    kind: &'static str,
+}
+
+impl<'a> Slot<'a> {
+    fn take(shared: &'a Shared, kind: &'static str) -> Option<Slot<'a>> {
+        if shared.sockets.fetch_add(1, Ordering::AcqRel) >= shared.config.max_connections {
+            shared.sockets.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        shared.metrics.sockets.get_or_create(&Kind { kind }).inc();
+        Some(Slot { shared, kind })
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let kind = Kind { kind: self.kind };
+        self.shared.metrics.sockets.get_or_create(&kind).dec();
+        self.shared.sockets.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl Subscription {
     /// Takes a connection slot and joins the hub: directly, or through the
     /// sequencer when resuming, so the replay and the live stream meet with
     /// no gap.
     pub async fn join(session: Session, shared: &Arc<Shared>) -> Result<Subscription, JoinError> {
-        if shared.sockets.fetch_add(1, Ordering::AcqRel) >= shared.config.max_connections {
-            shared.sockets.fetch_sub(1, Ordering::AcqRel);
-            return Err(JoinError::Full);
-        }
-        let kind = Kind {
-            kind: session.topic.kind(),
-        };
-        shared.metrics.sockets.get_or_create(&kind).inc();
-        let sub = Subscription {
-            topic: session.topic,
-            outbox: Outbox::new(session.user, shared.config.max_outbound_bytes),
-            shared: shared.clone(),
-        };
-        let outbox = sub.outbox.clone();
-        let resumed = match (session.topic, session.resume) {
-            (Topic::Chat(id), None) => {
-                shared.hub.join(id.get(), &outbox);
-                Ok(())
-            }
-            (Topic::Notifications, None) => {
-                shared.hub.listen(&outbox);
-                Ok(())
-            }
-            (Topic::Chat(conversation), Some(after_seq)) => {
+        let slot = Slot::take(shared, session.topic.kind()).ok_or(JoinError::Full)?;
+        let outbox = Outbox::new(session.user, shared.config.max_outbound_bytes);
+        let membership = match session.resume {
+            None => Ok(shared.hub.subscribe(session.topic, &outbox)),
+            Some(after) => {
+                let topic = session.topic;
                 shared
                     .sequencer
                     .ask(|reply| {
-                        Request::Resume(Resume::Chat {
-                            conversation: conversation.get(),
-                            after_seq,
+                        Request::Resume(Resume {
+                            topic,
+                            after,
                             outbox,
                             reply,
                         })
                     })
                     .await
             }
-            (Topic::Notifications, Some(after)) => {
-                shared
-                    .sequencer
-                    .ask(|reply| Request::Resume(Resume::Notifications { after, outbox, reply }))
-                    .await
-            }
         };
-        // On error `sub` drops here and undoes whatever was done.
-        resumed.map(|()| sub).map_err(JoinError::Store)
+        // On error the slot is given back as `slot` drops.
+        let membership = membership.map_err(JoinError::Store)?;
+        std::mem::forget(slot);
+        Ok(Subscription {
+            membership,
+            shared: shared.clone(),
+        })
+    }
+
+    fn outbox(&self) -> &Arc<Outbox> {
+        self.membership.outbox()
+    }
+
+    fn topic(&self) -> Topic {
+        self.membership.topic()
     }
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.outbox.detach();
-        match self.topic {
-            Topic::Chat(id) => self.shared.hub.leave(id.get(), &self.outbox),
-            Topic::Notifications => self.shared.hub.unlisten(&self.outbox),
-        }
-        let kind = Kind {
-            kind: self.topic.kind(),
-        };
-        self.shared.metrics.sockets.get_or_create(&kind).dec();
-        self.shared.sockets.fetch_sub(1, Ordering::AcqRel);
+        self.outbox().detach();
+        // The slot taken in `join`; the membership leaves the hub after this.
+        drop(Slot {
+            shared: &self.shared,
+            kind: self.topic().kind(),
+        });
     }
 }
 
@@ -155,7 +150,7 @@ impl Drop for Subscription {
 /// so the HTTP phase's state is gone before the socket's long idle life.
 pub fn open(stream: TcpStream, early: Vec<u8>, sub: Subscription) {
     use std::os::fd::AsRawFd;
-    sub.outbox.attach(stream.as_raw_fd());
+    sub.outbox().attach(stream.as_raw_fd());
     let rate = sub.shared.config.rate_limit;
     let mut conn = Conn {
         stream,
@@ -271,7 +266,7 @@ impl Drop for Conn {
     fn drop(&mut self) {
         // Before the fields drop and `stream` closes the descriptor: no
         // publisher may write to it (or to whatever reuses its number) after.
-        self.sub.outbox.detach();
+        self.sub.outbox().detach();
     }
 }
 
@@ -310,12 +305,12 @@ impl Conn {
                     }
                     Poll::Ready(Err(_)) => {
                         self.extra().blocked = None;
-                        self.sub.outbox.close(GOING_AWAY);
+                        self.sub.outbox().close(GOING_AWAY);
                     }
                     Poll::Pending => {}
                 }
             }
-            self.sub.outbox.register(cx.waker());
+            self.sub.outbox().register(cx.waker());
             self.flush()?;
             if self.flags.done {
                 return Poll::Ready(Ok(()));
@@ -323,8 +318,8 @@ impl Conn {
             // A close may be waiting behind frames the peer is not taking
             // (a slow consumer): the grace period starts from the request,
             // not from when our queue finally drains.
-            let closing =
-                self.flags.close_queued || (!self.sending.is_empty() && self.sub.outbox.closing().is_some());
+            let closing = self.flags.close_queued
+                || (!self.sending.is_empty() && self.sub.outbox().closing().is_some());
             if closing {
                 if self.flags.peer_closed && self.sending.is_empty() {
                     return Poll::Ready(Ok(()));
@@ -333,7 +328,7 @@ impl Conn {
                 // to take what is queued and answer; a peer that reads nothing
                 // (a slow consumer) is dropped then, queue and all.
                 if self.extra.as_ref().is_none_or(|x| x.grace.is_none())
-                    && self.sub.outbox.closing() == Some(crate::hub::SLOW_CONSUMER)
+                    && self.sub.outbox().closing() == Some(crate::outbox::SLOW_CONSUMER)
                 {
                     self.sub.shared.metrics.slow_consumers.inc();
                 }
@@ -420,7 +415,7 @@ impl Conn {
                     // Nothing may follow our close frame.
                     return Ok(());
                 }
-                let drained = self.sub.outbox.drain();
+                let drained = self.sub.outbox().drain();
                 self.sending = drained.frames;
                 if let Some(c) = drained.closing {
                     self.flags.close_queued = true;
@@ -443,7 +438,7 @@ impl Conn {
                 }
             };
             self.consume(n);
-            if self.sending.is_empty() && !self.flags.close_queued && self.sub.outbox.release() {
+            if self.sending.is_empty() && !self.flags.close_queued && self.sub.outbox().release() {
                 return Ok(());
             }
         }
@@ -482,7 +477,7 @@ impl Conn {
                 }
                 Ok(n) => {
                     if got == 0 {
-                        self.sub.outbox.heard();
+                        self.sub.outbox().heard();
                     }
                     got += n;
                     if got >= READ_BUDGET {
@@ -520,7 +515,7 @@ impl Conn {
     }
 
     fn violate(&mut self, v: Violation) {
-        self.sub.outbox.close(Closing {
+        self.sub.outbox().close(Closing {
             code: v.code,
             reason: v.reason,
         });
@@ -552,7 +547,7 @@ impl Conn {
                 } else {
                     close::PROTOCOL_ERROR
                 };
-                self.sub.outbox.close(Closing { code, reason: "" });
+                self.sub.outbox().close(Closing { code, reason: "" });
                 self.flags.closing = true;
                 self.flags.peer_closed = true;
                 Ok(())
@@ -560,7 +555,7 @@ impl Conn {
             OpCode::Ping => {
                 let mut b = BytesMut::with_capacity(payload.len() + 2);
                 frame::put_frame(&mut b, OpCode::Pong, payload);
-                self.sub.outbox.push(b.freeze());
+                self.sub.outbox().push(b.freeze());
                 Ok(())
             }
             OpCode::Pong => Ok(()),
@@ -605,7 +600,7 @@ impl Conn {
                 reason: "text frame is not valid UTF-8",
             });
         }
-        let Topic::Chat(conversation) = self.sub.topic else {
+        let Topic::Chat(conversation) = self.sub.topic() else {
             self.reject(&protocol::UNKNOWN_TYPE_NOTIFICATIONS);
             return Ok(());
         };
@@ -628,9 +623,9 @@ impl Conn {
         };
         let request = Request::Chat {
             conversation: conversation.get(),
-            user: self.sub.outbox.user.clone(),
+            user: self.sub.outbox().user.clone(),
             op,
-            outbox: self.sub.outbox.clone(),
+            outbox: self.sub.outbox().clone(),
         };
         match self.sub.shared.sequencer.try_submit(request) {
             Ok(()) => {}
@@ -641,7 +636,7 @@ impl Conn {
                     request: Some(request),
                 });
             }
-            Err(TrySendError::Closed(_)) => self.sub.outbox.close(GOING_AWAY),
+            Err(TrySendError::Closed(_)) => self.sub.outbox().close(GOING_AWAY),
         }
         Ok(())
     }
@@ -650,7 +645,7 @@ impl Conn {
         self.sub.shared.metrics.error(r.code.as_str());
         let mut json = Vec::with_capacity(96);
         protocol::encode_error(&mut json, r);
-        self.sub.outbox.push_text(&json);
+        self.sub.outbox().push_text(&json);
     }
 
     /// `--rate-limit`: a bucket of N frames refilled at N per second.
