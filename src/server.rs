@@ -20,7 +20,7 @@ use crate::auth::Verifier;
 use crate::config::{Config, Durability};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::sequencer::Sequencer;
+use crate::sequencer::{Sequencer, Wiring};
 use crate::state::Shared;
 use crate::store::{SledStore, Store, StoreError};
 use crate::wire::Closing;
@@ -54,7 +54,7 @@ pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 /// Opens the store at `config.data_dir`.
 pub fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
     std::fs::create_dir_all(&config.data_dir)
-        .map_err(|e| StoreError::Open(format!("cannot create {}: {e}", config.data_dir.display())))?;
+        .map_err(|e| StoreError::open(format!("cannot create {}", config.data_dir.display()), e))?;
     let flush_every = match config.durability {
         Durability::Sync | Durability::Fsync => None,
         Durability::Interval(d) => Some(d.as_millis().max(1) as u64),
@@ -75,13 +75,12 @@ pub async fn run(
     let store = open_store(&config)?;
     let hub = Arc::new(Hub::new());
     let metrics = Arc::new(Metrics::new());
-    let (sequencer, writer) = Sequencer::start(
+    let (sequencer, writer) = Sequencer::start(Wiring::local(
         store.clone(),
         hub.clone(),
         metrics.clone(),
-        config.durability,
         config.max_replay_events,
-    )?;
+    ))?;
     let shared = Arc::new(Shared {
         verifier: Verifier::new(&config.jwt),
         config,
@@ -127,7 +126,7 @@ pub async fn run(
     drop(shared);
     let flushed = tokio::task::spawn_blocking(move || {
         let _ = writer.join();
-        store.sync()
+        store.flush()
     })
     .await;
     match flushed {

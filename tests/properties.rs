@@ -1,9 +1,11 @@
 //! Properties over arbitrary input: message text survives every hop byte for
 //! byte, and the frame decoder round-trips whatever a client masks.
 
+use parley::ids::{ConversationId, MessageId, Seq};
 use parley::protocol::{self, ChatEvent, Command, MessageView, Micros};
-use parley::store::{Change, Counters, EventKind, Message, SledStore, Store};
+use parley::store::{Change, EventKind, Message, SledStore, Store};
 use parley::wire::{self as frame, OpCode};
+use pollster::block_on;
 use proptest::prelude::*;
 use proptest::sample::Index;
 
@@ -99,20 +101,20 @@ proptest! {
 
         // Broadcast: the event as it goes out live.
         let message = Message {
-            id: 1,
-            conversation: 1,
+            id: MessageId(1),
+            conversation: ConversationId(1),
             sender: "alice".into(),
             content: parsed,
             timestamp: Micros(1_700_000_000_000_000),
             edited: false,
             deleted: false,
-            seq: 1,
+            seq: Seq(1),
         };
         let mut event = Vec::new();
         protocol::encode_chat_event(
             &mut event,
             &ChatEvent::Created(MessageView {
-                id: message.id,
+                id: message.id.0,
                 sender: &message.sender,
                 content: &message.content,
                 timestamp: message.timestamp,
@@ -125,7 +127,6 @@ proptest! {
         // Store, then history and the event log (what a resume replays).
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path(), None).unwrap();
-        let counters = Counters { message: 1, event: 1, ..Counters::default() };
         let change = Change::Chat {
             message: &message,
             kind: EventKind::Created,
@@ -133,11 +134,13 @@ proptest! {
             payload: &event,
             notifications: &[],
         };
-        store.commit(change, &counters).unwrap();
-        let page = store.history(1, None, 50).unwrap();
+        let mut group = store.begin().unwrap();
+        group.apply(change).unwrap();
+        group.commit().unwrap();
+        let page = block_on(store.history(ConversationId(1), None, 50)).unwrap();
         prop_assert_eq!(page.items.len(), 1);
         prop_assert_eq!(page.items[0].content.as_bytes(), text.as_bytes());
-        let replay = store.events_after(1, 0, 10).unwrap();
+        let replay = block_on(store.events_after(ConversationId(1), Seq(0), 10)).unwrap();
         prop_assert_eq!(replay.items.len(), 1);
         prop_assert_eq!(&replay.items[0].payload[..], &event[..]);
         let replayed = content_of(&replay.items[0].payload);

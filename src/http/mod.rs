@@ -82,8 +82,8 @@ impl ApiError {
 
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
-        tracing::error!("store read failed: {e}");
-        ApiError::unavailable(e)
+        tracing::error!("store read failed: {}", e.chain());
+        ApiError::unavailable(e.chain())
     }
 }
 
@@ -92,7 +92,7 @@ impl From<crate::sequencer::WriteError> for ApiError {
         use crate::sequencer::WriteError;
         match e {
             WriteError::NotFound => ApiError::not_found("no such notification"),
-            WriteError::Unavailable(e) => ApiError::unavailable(e),
+            WriteError::Unavailable(e) => ApiError::unavailable(e.chain()),
             WriteError::ShuttingDown => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",

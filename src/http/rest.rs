@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use super::{json, ApiError, Body, Route};
 use crate::auth::{self, Identity};
+use crate::ids::{ConversationId, MessageId, NotificationId};
 use crate::protocol::{MessageView, Rfc3339};
 use crate::sequencer::{notification_view, Request as Write};
 use crate::state::Shared;
@@ -64,7 +65,7 @@ struct ConversationView<'a> {
 
 fn conversation_view(c: &Conversation) -> ConversationView<'_> {
     ConversationView {
-        id: c.id,
+        id: c.id.0,
         title: &c.title,
         participants: &c.participants,
         created_at: Rfc3339(c.created_at),
@@ -92,7 +93,7 @@ pub async fn handle(
             let list = if who.service {
                 Vec::new()
             } else {
-                shared.store.conversations_of(&who.user)?
+                shared.store.conversations_of(&who.user).await?
             };
             Ok(json(
                 StatusCode::OK,
@@ -146,17 +147,17 @@ pub async fn handle(
             Ok(json(StatusCode::CREATED, &conversation_view(&c)))
         }
         (Route::Conversation(id), _) => {
-            let c = conversation_for(shared, id, &who)?;
+            let c = conversation_for(shared, id, &who).await?;
             Ok(json(StatusCode::OK, &conversation_view(&c)))
         }
         (Route::Messages(id), _) => {
-            let c = conversation_for(shared, id, &who)?;
+            let c = conversation_for(shared, id, &who).await?;
             let (before, limit) = page_params(query)?;
-            let Page { items, next } = shared.store.history(c.id, before, limit)?;
+            let Page { items, next } = shared.store.history(c.id, before.map(MessageId), limit).await?;
             let results = items
                 .iter()
                 .map(|m| MessageView {
-                    id: m.id,
+                    id: m.id.0,
                     sender: &m.sender,
                     content: &m.content,
                     timestamp: m.timestamp,
@@ -178,7 +179,11 @@ pub async fn handle(
                 Some("true") => true,
                 Some(_) => return Err(ApiError::invalid_field("'unread' must be true or false")),
             };
-            let Page { items, next } = shared.store.notifications(&who.user, unread, before, limit)?;
+            let before = before.map(NotificationId);
+            let Page { items, next } = shared
+                .store
+                .notifications(&who.user, unread, before, limit)
+                .await?;
             let results = items.iter().map(notification_view).collect();
             Ok(json(
                 StatusCode::OK,
@@ -219,9 +224,9 @@ pub async fn handle(
         (Route::UnreadCount, _) => {
             #[derive(Serialize)]
             struct Count {
-                count: usize,
+                count: u64,
             }
-            let count = shared.store.unread(&who.user)?.len();
+            let count = shared.store.unread_count(&who.user).await?;
             Ok(json(StatusCode::OK, &Count { count }))
         }
         (Route::ReadAll, _) => {
@@ -237,7 +242,7 @@ pub async fn handle(
             Ok(json(StatusCode::OK, &Updated { updated }))
         }
         (Route::MarkRead(id), _) => {
-            let id = id.ok_or(ApiError::not_found("no such notification"))?;
+            let id = NotificationId(id.ok_or(ApiError::not_found("no such notification"))?);
             let user = who.user.clone();
             let n = shared
                 .sequencer
@@ -250,11 +255,18 @@ pub async fn handle(
 }
 
 /// The conversation, if it exists (404) and the caller takes part (403).
-fn conversation_for(shared: &Shared, id: Option<u64>, who: &Identity) -> Result<Conversation, ApiError> {
-    let c = id
-        .map(|id| shared.store.conversation(id))
-        .transpose()?
-        .flatten()
+async fn conversation_for(
+    shared: &Shared,
+    id: Option<u64>,
+    who: &Identity,
+) -> Result<Conversation, ApiError> {
+    let Some(id) = id else {
+        return Err(ApiError::not_found("no such conversation"));
+    };
+    let c = shared
+        .store
+        .conversation(ConversationId(id))
+        .await?
         .ok_or(ApiError::not_found("no such conversation"))?;
     if who.service || !c.participants.iter().any(|p| **p == *who.user) {
         return Err(ApiError::forbidden("not a participant of this conversation"));

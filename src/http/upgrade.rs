@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 
 use super::{ApiError, Body, Route};
 use crate::auth::{self, AuthError};
+use crate::ids::{ConversationId, MessageId, NotificationId};
 use crate::state::Shared;
 use crate::ws::{self, Session, Topic};
 
@@ -27,7 +28,7 @@ pub async fn upgrade(
         shared.metrics.refused.get_or_create(&status).inc();
         e
     };
-    let (session, offered_bearer) = check(req, route, shared).map_err(refused)?;
+    let (session, offered_bearer) = check(req, route, shared).await.map_err(refused)?;
     if !fastwebsockets::upgrade::is_upgrade_request(req) {
         return Err(ApiError::new(
             StatusCode::UPGRADE_REQUIRED,
@@ -88,7 +89,7 @@ pub async fn upgrade(
     Ok(Response::from_parts(parts, Body::default()))
 }
 
-fn check(req: &Request<Incoming>, route: Route, shared: &Shared) -> Result<(Session, bool), ApiError> {
+async fn check(req: &Request<Incoming>, route: Route, shared: &Shared) -> Result<(Session, bool), ApiError> {
     let query = req.uri().query();
     let presented = auth::presented(req.headers(), query, true);
     let token = presented
@@ -106,11 +107,11 @@ fn check(req: &Request<Incoming>, route: Route, shared: &Shared) -> Result<(Sess
     };
     let (topic, resume) = match route {
         Route::Chat(id) => {
-            let id = id.ok_or(ApiError::not_found("no such conversation"))?;
-            if !shared.store.conversation_exists(id)? {
+            let id = ConversationId(id.ok_or(ApiError::not_found("no such conversation"))?);
+            if !shared.store.conversation_exists(id).await? {
                 return Err(ApiError::not_found("no such conversation"));
             }
-            if who.service || !shared.store.is_participant(id, &who.user)? {
+            if who.service || !shared.store.is_participant(id, &who.user).await? {
                 return Err(ApiError::forbidden("not a participant of this conversation"));
             }
             let resume = match after_raw {
@@ -122,13 +123,14 @@ fn check(req: &Request<Incoming>, route: Route, shared: &Shared) -> Result<(Sess
                     } else {
                         let m = shared
                             .store
-                            .message(id, after)?
+                            .message(id, MessageId(after))
+                            .await?
                             .ok_or(bad_after("'after' is not a message of this conversation"))?;
-                        Some(m.seq)
+                        Some(m.seq.0)
                     }
                 }
             };
-            (Topic::Chat(crate::ids::ConversationId(id)), resume)
+            (Topic::Chat(id), resume)
         }
         Route::Notifications => {
             let resume = match after_raw {
@@ -136,7 +138,7 @@ fn check(req: &Request<Incoming>, route: Route, shared: &Shared) -> Result<(Sess
                 Some(s) => {
                     let after = parse_after(s).ok_or(bad_after("'after' must be 0 or a notification id"))?;
                     if after != 0 {
-                        match shared.store.notification(after)? {
+                        match shared.store.notification(NotificationId(after)).await? {
                             Some(n) if *n.user == *who.user => {}
                             _ => return Err(bad_after("'after' is not one of your notifications")),
                         }

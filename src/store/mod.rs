@@ -1,38 +1,95 @@
 //! What parley keeps: conversations, messages, each conversation's ordered
 //! event log, and notifications.
 //!
-//! [`Store`] is the seam for a second backend (PostgreSQL as the system of
-//! record for several nodes): the socket and HTTP code see only this trait.
-//! Its writes are called by one thread, the [`crate::sequencer`], which owns
-//! ids and order; each [`Change`] is atomic, and [`Store::sync`] makes every
-//! change before it durable, so one sync serves a whole group of writes.
+//! Two interfaces, for two kinds of caller:
+//! - [`Store`]: reads, from any task. Async, so that a backend across the
+//!   network (PostgreSQL) awaits instead of blocking a runtime thread. The
+//!   embedded backend answers at once (sled reads are memory-speed).
+//! - [`Group`]: writes, from one thread only, the [`crate::sequencer`]:
+//!   the one explicit blocking boundary. A group is begun, each change is
+//!   applied in order (reads through the group see its earlier changes),
+//!   and the group is committed: made durable as a whole, so one flush (or
+//!   one transaction) serves many writes. The backend assigns ids, so a
+//!   backend shared by several nodes can hand them out itself.
+//!
+//! Backends: [`SledStore`] (embedded, the default) and [`MemoryStore`]
+//! (memory only: for unit tests of the layers above; it loses everything
+//! when the process ends). `conformance` holds the tests every backend
+//! must pass.
 
+#[cfg(test)]
+mod conformance;
+mod memory;
 mod sled_store;
 
+pub use memory::MemoryStore;
 pub use sled_store::SledStore;
 
+use std::sync::Arc;
+
+use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::ids::{ConversationId, MessageId, NotificationId, Seq};
 use crate::protocol::Micros;
 
-#[derive(Debug, thiserror::Error)]
+/// The cause of an engine failure, kept whole and cheap to clone (a group's
+/// failure is told to every writer in it).
+pub type Source = Arc<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
-    #[error("store I/O error: {0}")]
-    Io(String),
+    /// The engine failed to read or write.
+    #[error("store I/O error")]
+    Io(#[source] Source),
+    /// The store failed earlier and refuses everything until a restart
+    /// (sled 0.34 keeps its first I/O error for good).
+    #[error("the store failed to write earlier (disk full?); restart parley once it is fixed")]
+    Failed,
     #[error("store data is corrupt: {0}")]
     Corrupt(String),
-    #[error("{0}")]
-    Open(String),
+    #[error("{message}")]
+    Open {
+        message: String,
+        #[source]
+        source: Option<Source>,
+    },
     #[error("the disk is nearly full ({free} bytes free, below --min-free-bytes); writes resume when space returns")]
     Full { free: u64 },
+}
+
+impl StoreError {
+    pub fn io(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+        StoreError::Io(Arc::new(e))
+    }
+
+    pub fn open(message: String, source: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+        StoreError::Open {
+            message,
+            source: Some(Arc::new(source)),
+        }
+    }
+
+    /// The error and every cause, on one line (for HTTP error details and
+    /// logs, which show no source chain by themselves).
+    pub fn chain(&self) -> String {
+        let mut out = self.to_string();
+        let mut cur = std::error::Error::source(self);
+        while let Some(s) = cur {
+            out.push_str(": ");
+            out.push_str(&s.to_string());
+            cur = s.source();
+        }
+        out
+    }
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Conversation {
-    pub id: u64,
+    pub id: ConversationId,
     pub title: Option<String>,
     /// The creator first, then the others in the order given.
     pub participants: Vec<String>,
@@ -41,8 +98,8 @@ pub struct Conversation {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Message {
-    pub id: u64,
-    pub conversation: u64,
+    pub id: MessageId,
+    pub conversation: ConversationId,
     pub sender: String,
     pub content: String,
     pub timestamp: Micros,
@@ -50,26 +107,16 @@ pub struct Message {
     pub deleted: bool,
     /// Position of this message's creation in the conversation's event log:
     /// where a resume `?after=<id>` starts.
-    pub seq: u64,
+    pub seq: Seq,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Notification {
-    pub id: u64,
+    pub id: NotificationId,
     pub user: String,
     pub message: String,
     pub is_read: bool,
     pub timestamp: Micros,
-}
-
-/// The last id issued of each kind. Persisted with every change, so ids keep
-/// increasing across restarts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Counters {
-    pub conversation: u64,
-    pub message: u64,
-    pub notification: u64,
-    pub event: u64,
 }
 
 /// Which kind of event a log entry is; a truncated replay names the newest
@@ -85,9 +132,9 @@ pub enum EventKind {
 /// went out live.
 #[derive(Debug, Clone)]
 pub struct LoggedEvent {
-    pub seq: u64,
+    pub seq: Seq,
     pub kind: EventKind,
-    pub message: u64,
+    pub message: MessageId,
     pub payload: Bytes,
 }
 
@@ -100,7 +147,7 @@ pub enum Change<'a> {
         message: &'a Message,
         kind: EventKind,
         /// Position in the conversation's event log.
-        seq: u64,
+        seq: Seq,
         /// The event's JSON, exactly as it goes out.
         payload: &'a [u8],
         notifications: &'a [Notification],
@@ -125,41 +172,79 @@ pub struct Replay<T> {
     pub items: Vec<T>,
 }
 
+/// Reads, from any task.
+#[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Where counting resumes: above every id issued or reserved.
-    fn counters(&self) -> Result<Counters>;
-    /// Durably reserves ids up to `upto` (flushed before it returns).
-    fn reserve(&self, upto: &Counters) -> Result<()>;
-
-    fn conversation(&self, id: u64) -> Result<Option<Conversation>>;
-    fn conversation_exists(&self, id: u64) -> Result<bool>;
-    fn is_participant(&self, conversation: u64, user: &str) -> Result<bool>;
+    async fn conversation(&self, id: ConversationId) -> Result<Option<Conversation>>;
+    async fn conversation_exists(&self, id: ConversationId) -> Result<bool>;
+    async fn is_participant(&self, conversation: ConversationId, user: &str) -> Result<bool>;
     /// The user's conversations, oldest first.
-    fn conversations_of(&self, user: &str) -> Result<Vec<Conversation>>;
+    async fn conversations_of(&self, user: &str) -> Result<Vec<Conversation>>;
 
-    fn message(&self, conversation: u64, id: u64) -> Result<Option<Message>>;
+    async fn message(&self, conversation: ConversationId, id: MessageId) -> Result<Option<Message>>;
     /// Live messages older than `before`, newest first: one range scan.
-    fn history(&self, conversation: u64, before: Option<u64>, limit: usize) -> Result<Page<Message>>;
-    /// Events logged after `after_seq`, oldest first, at most `max` (the newest).
-    fn events_after(&self, conversation: u64, after_seq: u64, max: usize) -> Result<Replay<LoggedEvent>>;
+    async fn history(
+        &self,
+        conversation: ConversationId,
+        before: Option<MessageId>,
+        limit: usize,
+    ) -> Result<Page<Message>>;
+    /// Events logged after `after`, oldest first, at most `max` (the newest);
+    /// `truncated_after` is a message id.
+    async fn events_after(
+        &self,
+        conversation: ConversationId,
+        after: Seq,
+        max: usize,
+    ) -> Result<Replay<LoggedEvent>>;
 
-    fn notification(&self, id: u64) -> Result<Option<Notification>>;
-    fn notifications(
+    async fn notification(&self, id: NotificationId) -> Result<Option<Notification>>;
+    async fn notifications(
         &self,
         user: &str,
         unread_only: bool,
-        before: Option<u64>,
+        before: Option<NotificationId>,
         limit: usize,
     ) -> Result<Page<Notification>>;
-    fn unread(&self, user: &str) -> Result<Vec<u64>>;
-    /// The user's notifications with an id above `after`, oldest first, at most `max`.
-    fn notifications_after(&self, user: &str, after: u64, max: usize) -> Result<Replay<Notification>>;
+    async fn unread_count(&self, user: &str) -> Result<u64>;
+    /// The user's notifications with an id above `after`, oldest first, at
+    /// most `max`; `truncated_after` is a notification id.
+    async fn notifications_after(
+        &self,
+        user: &str,
+        after: NotificationId,
+        max: usize,
+    ) -> Result<Replay<Notification>>;
 
-    /// Applies one change atomically, persisting `counters` with it.
-    fn commit(&self, change: Change<'_>, counters: &Counters) -> Result<()>;
-    /// Makes every committed change durable.
-    fn sync(&self) -> Result<()>;
     /// Whether writes can be taken now: the store works and its disk has
     /// room (for `/healthz`, and checked by the sequencer before each group).
     fn writable(&self) -> Result<()>;
+    /// Begins a group of writes. Only the sequencer calls this, and never
+    /// with another group open.
+    fn begin(&self) -> Result<Box<dyn Group + '_>>;
+    /// Makes everything committed so far durable (at shutdown).
+    fn flush(&self) -> Result<()>;
+}
+
+/// One group of writes, applied in order and made durable together by
+/// [`Group::commit`]. Dropped without a commit, what it applied may or may
+/// not survive a crash: nothing of it has been shown to anyone.
+pub trait Group {
+    fn conversation(&mut self, id: ConversationId) -> Result<Option<Conversation>>;
+    fn message(&mut self, conversation: ConversationId, id: MessageId) -> Result<Option<Message>>;
+    fn notification(&mut self, id: NotificationId) -> Result<Option<Notification>>;
+    /// The user's unread notifications, oldest first.
+    fn unread(&mut self, user: &str) -> Result<Vec<NotificationId>>;
+
+    /// A new id, above every id issued before, across restarts too.
+    fn next_conversation(&mut self) -> Result<ConversationId>;
+    fn next_message(&mut self) -> Result<MessageId>;
+    fn next_notification(&mut self) -> Result<NotificationId>;
+    /// The next position in `conversation`'s event log.
+    fn next_seq(&mut self, conversation: ConversationId) -> Result<Seq>;
+
+    /// Applies one change atomically: a crash leaves it whole or absent.
+    fn apply(&mut self, change: Change<'_>) -> Result<()>;
+    /// Makes every change of the group durable.
+    fn commit(self: Box<Self>) -> Result<()>;
 }

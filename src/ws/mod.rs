@@ -29,6 +29,7 @@ use tokio::sync::mpsc::OwnedPermit;
 
 use crate::hub::Membership;
 pub use crate::hub::Topic;
+use crate::ids::MessageId;
 use crate::metrics::Kind;
 use crate::outbox::Outbox;
 use crate::protocol::{self, Command, Rejection};
@@ -614,15 +615,17 @@ impl Conn {
         }
         let op = match protocol::parse_command(data, self.sub.shared.config.max_message_chars) {
             Ok(Command::Send { text }) => ChatOp::Send(text.into()),
-            Ok(Command::Edit { id, content }) => ChatOp::Edit(id.unwrap_or_default(), content.into()),
-            Ok(Command::Delete { id }) => ChatOp::Delete(id.unwrap_or_default()),
+            Ok(Command::Edit { id, content }) => {
+                ChatOp::Edit(MessageId(id.unwrap_or_default()), content.into())
+            }
+            Ok(Command::Delete { id }) => ChatOp::Delete(MessageId(id.unwrap_or_default())),
             Err(r) => {
                 self.reject(&r);
                 return Ok(());
             }
         };
         let request = Request::Chat {
-            conversation: conversation.get(),
+            conversation,
             user: self.sub.outbox().user.clone(),
             op,
             outbox: self.sub.outbox().clone(),

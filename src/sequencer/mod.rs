@@ -1,0 +1,348 @@
+//! The one writer: every change to the store goes through here, in one total
+//! order, and is delivered only after it is durable.
+//!
+//! A dedicated thread takes requests in groups (whatever queued up while the
+//! previous group was being committed). For each group it begins a store
+//! [`Group`], handles each request against it (validation that needs stored
+//! state, ids from the backend, one atomic change per write), commits the
+//! group (one flush: group commit), and only then publishes and answers.
+//! Each conversation's events of a group are encoded once into one buffer of
+//! frames, and that one buffer goes to every socket of the conversation.
+//!
+//! Because this thread is the only publisher, a resuming socket is replayed
+//! and subscribed here, between two groups: nothing can be published between
+//! the end of its replay and the start of its live stream.
+//!
+//! | file | concern |
+//! | --- | --- |
+//! | `mod.rs` | the requests, the handle, the group loop |
+//! | `output.rs` | what a group publishes and answers once it is durable |
+//! | `chat.rs` | conversations and their messages (send, edit, delete) |
+//! | `notifications.rs` | notifications: service-sent, mark read, read all |
+//! | `resume.rs` | the replay-then-live hand-over, for both topics |
+//!
+//! This thread is the store's one blocking boundary: it calls the store's
+//! write side synchronously. Publishing may write to sockets from here (an
+//! idle socket is written directly, see [`crate::outbox`]); it never reads
+//! from one.
+
+mod chat;
+mod notifications;
+mod output;
+mod resume;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::hub::{FanOut, Hub, Membership, Presence, Topic};
+use crate::ids::{ConversationId, MessageId, NotificationId};
+use crate::metrics::Metrics;
+use crate::outbox::Outbox;
+use crate::protocol;
+use crate::store::{Change, Conversation, Group, Notification, Store, StoreError};
+
+pub use notifications::notification_view;
+use output::Output;
+
+/// Most requests handled under one commit.
+const MAX_GROUP: usize = 1024;
+/// Requests waiting for the writer; senders wait beyond it (backpressure).
+const QUEUE: usize = 16 * 1024;
+
+/// A write that could not be done.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("not found")]
+    NotFound,
+    #[error("the store cannot be written")]
+    Unavailable(#[from] StoreError),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+/// What a chat socket asks for, already validated by `protocol`.
+#[derive(Debug)]
+pub enum ChatOp {
+    Send(Box<str>),
+    Edit(MessageId, Box<str>),
+    Delete(MessageId),
+}
+
+pub type Reply<T> = oneshot::Sender<Result<T, WriteError>>;
+
+pub enum Request {
+    Chat {
+        conversation: ConversationId,
+        user: Arc<str>,
+        op: ChatOp,
+        /// Where `not_found` / `forbidden` go: the sender's socket only.
+        outbox: Arc<Outbox>,
+    },
+    CreateConversation {
+        creator: Arc<str>,
+        title: Option<String>,
+        participants: Vec<String>,
+        reply: Reply<Conversation>,
+    },
+    Notify {
+        user: String,
+        text: String,
+        reply: Reply<Notification>,
+    },
+    MarkRead {
+        user: Arc<str>,
+        id: NotificationId,
+        reply: Reply<Notification>,
+    },
+    ReadAll {
+        user: Arc<str>,
+        reply: Reply<u64>,
+    },
+    /// Done after the group is published, so it joins between two groups.
+    Resume(Resume),
+}
+
+/// A socket that replays what it missed, then goes live (Part D): the
+/// chat topic replays the conversation's log after position `after`, the
+/// notifications topic the user's notifications with an id above it.
+pub struct Resume {
+    pub topic: Topic,
+    pub after: u64,
+    pub outbox: Arc<Outbox>,
+    pub reply: Reply<Membership>,
+}
+
+/// What the writer writes to and publishes through.
+pub struct Wiring {
+    pub store: Arc<dyn Store>,
+    /// Where resuming sockets join: this node's sockets.
+    pub hub: Arc<Hub>,
+    /// Where a durable group's output goes.
+    pub fanout: Arc<dyn FanOut>,
+    /// Who is watching, for who gets a notification.
+    pub presence: Arc<dyn Presence>,
+    pub metrics: Arc<Metrics>,
+    /// `--max-replay-events`.
+    pub max_replay: usize,
+}
+
+impl Wiring {
+    /// One node on its own: its hub is its fan-out and its presence.
+    pub fn local(store: Arc<dyn Store>, hub: Arc<Hub>, metrics: Arc<Metrics>, max_replay: usize) -> Wiring {
+        Wiring {
+            store,
+            fanout: hub.clone(),
+            presence: hub.clone(),
+            hub,
+            metrics,
+            max_replay,
+        }
+    }
+}
+
+/// The handle sockets and REST handlers submit requests through.
+#[derive(Clone)]
+pub struct Sequencer {
+    tx: mpsc::Sender<Request>,
+}
+
+impl Sequencer {
+    /// Starts the writer thread; it ends when every handle is dropped, after
+    /// a last flush.
+    pub fn start(wiring: Wiring) -> std::io::Result<(Sequencer, std::thread::JoinHandle<()>)> {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let writer = Writer {
+            w: wiring,
+            participants: HashMap::new(),
+            scratch: Vec::with_capacity(1024),
+            out: Output::default(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("parley-sequencer".into())
+            .spawn(move || writer.run(rx))?;
+        Ok((Sequencer { tx }, handle))
+    }
+
+    /// Queues a request without waiting; `Full` hands it back.
+    pub fn try_submit(&self, r: Request) -> Result<(), mpsc::error::TrySendError<Request>> {
+        self.tx.try_send(r)
+    }
+
+    /// A sender to wait for room with, when `try_submit` found the queue full.
+    pub fn sender(&self) -> mpsc::Sender<Request> {
+        self.tx.clone()
+    }
+
+    pub async fn submit(&self, r: Request) -> Result<(), WriteError> {
+        self.tx.send(r).await.map_err(|_| WriteError::ShuttingDown)
+    }
+
+    /// Submits a request carrying `reply` and waits for its answer.
+    pub async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, WriteError> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(make(tx)).await?;
+        rx.await.map_err(|_| WriteError::ShuttingDown)?
+    }
+}
+
+struct Writer {
+    w: Wiring,
+    /// Participants of recently written conversations (they never change).
+    participants: HashMap<ConversationId, Arc<[Arc<str>]>>,
+    /// Reused for encoding each event's JSON.
+    scratch: Vec<u8>,
+    out: Output,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+        let mut requests = Vec::with_capacity(MAX_GROUP);
+        while let Some(first) = rx.blocking_recv() {
+            requests.push(first);
+            while requests.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(r) => requests.push(r),
+                    Err(_) => break,
+                }
+            }
+            self.group(&mut requests);
+        }
+        if let Err(e) = self.w.store.flush() {
+            tracing::error!("final flush failed: {}", e.chain());
+        }
+    }
+
+    /// One group: begin, handle each request, commit, then publish and
+    /// answer. A store that cannot take writes now (disk nearly full, or
+    /// failed) refuses the group's writes whole; resumes, which only read,
+    /// go on.
+    fn group(&mut self, requests: &mut Vec<Request>) {
+        let store = self.w.store.clone();
+        let mut group = match store.writable().and_then(|()| store.begin()) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                for r in requests.drain(..) {
+                    self.refuse(r, &e);
+                }
+                None
+            }
+        };
+        if let Some(g) = group.as_deref_mut() {
+            for r in requests.drain(..) {
+                // A bug that panics on one request must not stop every write
+                // of the server: that request is dropped (its caller sees its
+                // reply channel close) and the writer goes on.
+                let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(g, r)));
+                if handled.is_err() {
+                    tracing::error!("the sequencer panicked on a request; it was dropped");
+                }
+            }
+        }
+        let committed = self.commit(group);
+        let delivered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.deliver(committed)));
+        if delivered.is_err() {
+            tracing::error!("the sequencer panicked while publishing a group");
+            self.out = Output::default();
+        }
+    }
+
+    fn handle(&mut self, g: &mut dyn Group, r: Request) {
+        match r {
+            Request::Chat {
+                conversation,
+                user,
+                op,
+                outbox,
+            } => self.chat(g, conversation, &user, op, outbox),
+            Request::CreateConversation {
+                creator,
+                title,
+                participants,
+                reply,
+            } => {
+                let r = self.create_conversation(g, &creator, title, participants);
+                self.out.answer(reply, r);
+            }
+            Request::Notify { user, text, reply } => {
+                let r = self.notify(g, user, text);
+                self.out.answer(reply, r);
+            }
+            Request::MarkRead { user, id, reply } => {
+                let r = self.mark_read(g, &user, id);
+                self.out.answer(reply, r);
+            }
+            Request::ReadAll { user, reply } => {
+                let r = self.read_all(g, &user);
+                self.out.answer(reply, r);
+            }
+            Request::Resume(r) => self.out.resumes.push(r),
+        }
+    }
+
+    /// Answers a write with `unavailable` without trying it.
+    fn refuse(&mut self, r: Request, e: &StoreError) {
+        match r {
+            Request::Chat { outbox, .. } => self.out.reject(outbox, protocol::UNAVAILABLE),
+            Request::CreateConversation { reply, .. } => fail(reply, e),
+            Request::Notify { reply, .. } => fail(reply, e),
+            Request::MarkRead { reply, .. } => fail(reply, e),
+            Request::ReadAll { reply, .. } => fail(reply, e),
+            Request::Resume(r) => self.out.resumes.push(r),
+        }
+    }
+
+    /// The one way a change reaches the store: applied to the group and
+    /// counted; durable when the group commits.
+    fn apply(&mut self, g: &mut dyn Group, change: Change<'_>, kind: &'static str) -> Result<(), StoreError> {
+        g.apply(change)?;
+        self.out.writes += 1;
+        self.w.metrics.write(kind);
+        Ok(())
+    }
+
+    /// Commits the group if it wrote anything; the flush is timed.
+    fn commit(&mut self, group: Option<Box<dyn Group + '_>>) -> Result<(), StoreError> {
+        let Some(g) = group else {
+            return Ok(());
+        };
+        if self.out.writes == 0 {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let r = g.commit();
+        let m = &self.w.metrics;
+        m.flush_seconds.observe(started.elapsed().as_secs_f64());
+        m.group_size.observe(self.out.writes as f64);
+        if let Err(e) = &r {
+            tracing::error!("store commit failed: {}", e.chain());
+        }
+        r
+    }
+
+    /// Publishes and answers the group (everything of it, if the commit
+    /// held; only failures, if it did not), then runs the resumes.
+    fn deliver(&mut self, committed: Result<(), StoreError>) {
+        let mut out = std::mem::take(&mut self.out);
+        out.deliver(
+            committed.err(),
+            &*self.w.fanout,
+            &self.w.metrics,
+            &mut self.scratch,
+        );
+        for r in out.resumes.drain(..) {
+            self.resume(r);
+        }
+        self.out = out;
+    }
+}
+
+/// Tells a REST writer its write was refused.
+fn fail<T>(reply: Reply<T>, e: &StoreError) {
+    let _ = reply.send(Err(WriteError::Unavailable(e.clone())));
+}
+
+#[cfg(test)]
+mod tests;
