@@ -9,8 +9,6 @@ use hyper::header::{HeaderMap, AUTHORIZATION, SEC_WEBSOCKET_PROTOCOL};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::config::JwtConfig;
-
 /// The caller, as its token says.
 #[derive(Debug, Clone)]
 pub struct Identity {
@@ -47,6 +45,99 @@ struct IssuedClaims<'a> {
     role: Option<&'a str>,
 }
 
+/// The algorithms parley accepts: one per server, chosen by the operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JwtAlgorithm {
+    Hs256,
+    Rs256,
+    Es256,
+    EdDsa,
+}
+
+impl JwtAlgorithm {
+    pub fn name(self) -> &'static str {
+        match self {
+            JwtAlgorithm::Hs256 => "HS256",
+            JwtAlgorithm::Rs256 => "RS256",
+            JwtAlgorithm::Es256 => "ES256",
+            JwtAlgorithm::EdDsa => "EdDSA",
+        }
+    }
+
+    fn library(self) -> Algorithm {
+        match self {
+            JwtAlgorithm::Hs256 => Algorithm::HS256,
+            JwtAlgorithm::Rs256 => Algorithm::RS256,
+            JwtAlgorithm::Es256 => Algorithm::ES256,
+            JwtAlgorithm::EdDsa => Algorithm::EdDSA,
+        }
+    }
+}
+
+/// `--jwt-algorithm`'s value; HS256 when absent.
+pub fn parse_algorithm(name: Option<&str>) -> Result<JwtAlgorithm, String> {
+    Ok(match name {
+        None | Some("HS256") => JwtAlgorithm::Hs256,
+        Some("RS256") => JwtAlgorithm::Rs256,
+        Some("ES256") => JwtAlgorithm::Es256,
+        Some("EdDSA") => JwtAlgorithm::EdDsa,
+        Some(other) => return Err(format!("'{other}' is not one of HS256, RS256, ES256, EdDSA")),
+    })
+}
+
+/// Where the verification key comes from.
+pub enum KeySource {
+    /// HS256's shared secret.
+    Secret(Vec<u8>),
+    /// The public key (PEM) of RS256, ES256 or EdDSA.
+    PublicKeyPem(Vec<u8>),
+}
+
+/// How tokens are verified: built here, since this module is the only one
+/// that knows the token library.
+#[derive(Clone)]
+pub struct JwtConfig {
+    pub algorithm: JwtAlgorithm,
+    key: DecodingKey,
+    /// Present for HS256 only: lets `parley token` and tests sign.
+    pub secret: Option<Vec<u8>>,
+    pub audience: Option<String>,
+    pub issuer: Option<String>,
+    pub require_exp: bool,
+}
+
+impl JwtConfig {
+    /// Parses the key; the error says why it is not a key of `algorithm`.
+    pub fn new(
+        algorithm: JwtAlgorithm,
+        source: KeySource,
+        audience: Option<String>,
+        issuer: Option<String>,
+        require_exp: bool,
+    ) -> Result<JwtConfig, String> {
+        let (key, secret) = match source {
+            KeySource::Secret(s) => (DecodingKey::from_secret(&s), Some(s)),
+            KeySource::PublicKeyPem(pem) => {
+                let key = match algorithm {
+                    JwtAlgorithm::Rs256 => DecodingKey::from_rsa_pem(&pem),
+                    JwtAlgorithm::Es256 => DecodingKey::from_ec_pem(&pem),
+                    JwtAlgorithm::EdDsa => DecodingKey::from_ed_pem(&pem),
+                    JwtAlgorithm::Hs256 => return Err("HS256 takes a secret, not a public key".into()),
+                };
+                (key.map_err(|e| e.to_string())?, None)
+            }
+        };
+        Ok(JwtConfig {
+            algorithm,
+            key,
+            secret,
+            audience,
+            issuer,
+            require_exp,
+        })
+    }
+}
+
 /// Verifies tokens with the configured key and algorithm only.
 pub struct Verifier {
     key: DecodingKey,
@@ -57,7 +148,7 @@ impl Verifier {
     pub fn new(cfg: &JwtConfig) -> Verifier {
         // `Validation::new` allows exactly one algorithm, so a token signed
         // with any other (or `none`, which does not parse) is refused.
-        let mut validation = Validation::new(cfg.algorithm);
+        let mut validation = Validation::new(cfg.algorithm.library());
         validation.leeway = 60;
         validation.validate_nbf = true;
         validation.validate_exp = true;

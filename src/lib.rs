@@ -2,30 +2,40 @@
 //! `PROTOCOL.md` (the Django Channels product's WebSocket API, completed).
 //!
 //! # Layout
-//! - [`config`]: flags and environment into one validated `Config`.
-//! - [`server`]: accept loop, graceful shutdown.
-//! - [`state`]: what every connection shares (HTTP and sockets).
-//! - [`http`]: routing, upgrade checks, the REST API.
-//! - [`auth`]: where tokens come from and whether they are valid.
-//! - [`ws`]: one socket's whole life.
+//! Leaves first; each module uses only those above it in this list (checked
+//! by `tests/architecture.rs`).
 //! - [`wire`]: RFC 6455 framing and close codes, a leaf every layer may use.
+//! - [`ids`]: typed ids. `metrics`: what `/metrics` shows.
 //! - [`protocol`]: inbound frames parsed in place, outbound events encoded once.
-//! - [`sequencer`]: the one writer: order, ids, group commit, then publish.
-//! - [`hub`]: who listens to what; publish = one shared `Bytes` per receiver queue.
-//! - [`store`]: the only module that knows sled.
-//! - [`metrics`]: what `/metrics` shows.
+//! - [`config`] / [`auth`]: flags into one `Config`; tokens (the only user of
+//!   the token library).
+//! - [`store`]: what is kept; the only module that knows sled.
+//! - [`outbox`]: one socket's outbound queue and the direct-write protocol.
+//! - [`hub`]: who listens to what on this node; the `FanOut` and `Presence`
+//!   interfaces the writer publishes through.
+//! - `sequencer`: the one writer: order, ids, group commit, then publish.
+//! - `state`: what every connection shares (HTTP and sockets).
+//! - `ws`: one socket's whole life. `http`: routing, upgrade checks, REST.
+//! - [`server`]: accept loop, graceful shutdown.
+//!
+//! # What is public
+//! Everything is crate-private unless something outside the library needs
+//! it: the binary (`config`, `auth`, `server`), the fuzz targets and benches
+//! (`wire`, `protocol`, `hub`, `outbox`, `store`, `ids`) and the integration
+//! tests (the same). The load generator speaks only the wire contract and
+//! uses none of it.
 
 pub mod auth;
 pub mod config;
-pub mod http;
+mod http;
 pub mod hub;
 pub mod ids;
-pub mod metrics;
+mod metrics;
 pub mod outbox;
 pub mod protocol;
-pub mod sequencer;
+mod sequencer;
 pub mod server;
-pub mod state;
+mod state;
 pub mod store;
 pub mod wire;
-pub mod ws;
+mod ws;

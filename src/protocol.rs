@@ -305,6 +305,7 @@ mod tests {
             .map_err(|r| r.code)
     }
 
+    /// One table, long on purpose: every row of Part C's order in one place.
     #[test]
     fn part_c_check_order() {
         use ErrorCode::*;

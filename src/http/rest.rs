@@ -79,6 +79,8 @@ struct Results<T> {
     next: Option<Option<u64>>,
 }
 
+/// Answers one REST request whose route and method were checked (405
+/// before this) and whose caller is known.
 pub async fn handle(
     req: Request<Incoming>,
     route: Route,
@@ -88,139 +90,15 @@ pub async fn handle(
     let query = req.uri().query().map(str::to_owned);
     let query = query.as_deref();
     match (route, req.method().clone()) {
-        (Route::Conversations, Method::GET) => {
-            // A service token is a participant of nothing, whatever its name.
-            let list = if who.service {
-                Vec::new()
-            } else {
-                shared.store.conversations_of(&who.user).await?
-            };
-            Ok(json(
-                StatusCode::OK,
-                &Results {
-                    results: list.iter().map(conversation_view).collect(),
-                    next: None,
-                },
-            ))
-        }
-        (Route::Conversations, _) => {
-            let body = read_json(req, shared.config.max_body_bytes).await?;
-            if who.service {
-                return Err(ApiError::forbidden("a service token is a participant of nothing"));
-            }
-            let participants = match body.get("participants") {
-                None | Some(Value::Null) => Vec::new(),
-                Some(Value::Array(a)) => a
-                    .iter()
-                    .map(|v| match v {
-                        Value::String(s) if auth::valid_username(s) => Ok(s.clone()),
-                        _ => Err(ApiError::invalid_field(
-                            "'participants' must be a list of usernames",
-                        )),
-                    })
-                    .collect::<Result<Vec<_>, _>>()?,
-                Some(_) => {
-                    return Err(ApiError::invalid_field(
-                        "'participants' must be a list of usernames",
-                    ))
-                }
-            };
-            let title = match body.get("title") {
-                None | Some(Value::Null) => None,
-                Some(Value::String(s)) if s.chars().count() <= 200 => Some(s.clone()),
-                Some(_) => {
-                    return Err(ApiError::invalid_field(
-                        "'title' must be a string of at most 200 characters",
-                    ))
-                }
-            };
-            let creator = who.user.clone();
-            let c = shared
-                .sequencer
-                .ask(|reply| Write::CreateConversation {
-                    creator,
-                    title,
-                    participants,
-                    reply,
-                })
-                .await?;
-            Ok(json(StatusCode::CREATED, &conversation_view(&c)))
-        }
+        (Route::Conversations, Method::GET) => list_conversations(&who, shared).await,
+        (Route::Conversations, _) => create_conversation(req, &who, shared).await,
         (Route::Conversation(id), _) => {
             let c = conversation_for(shared, id, &who).await?;
             Ok(json(StatusCode::OK, &conversation_view(&c)))
         }
-        (Route::Messages(id), _) => {
-            let c = conversation_for(shared, id, &who).await?;
-            let (before, limit) = page_params(query)?;
-            let Page { items, next } = shared.store.history(c.id, before.map(MessageId), limit).await?;
-            let results = items
-                .iter()
-                .map(|m| MessageView {
-                    id: m.id.0,
-                    sender: &m.sender,
-                    content: &m.content,
-                    timestamp: m.timestamp,
-                    edited: Some(m.edited),
-                })
-                .collect();
-            Ok(json(
-                StatusCode::OK,
-                &Results {
-                    results,
-                    next: Some(next),
-                },
-            ))
-        }
-        (Route::NotificationList, Method::GET) => {
-            let (before, limit) = page_params(query)?;
-            let unread = match auth::query_param(query, "unread") {
-                None | Some("false") => false,
-                Some("true") => true,
-                Some(_) => return Err(ApiError::invalid_field("'unread' must be true or false")),
-            };
-            let before = before.map(NotificationId);
-            let Page { items, next } = shared
-                .store
-                .notifications(&who.user, unread, before, limit)
-                .await?;
-            let results = items.iter().map(notification_view).collect();
-            Ok(json(
-                StatusCode::OK,
-                &Results {
-                    results,
-                    next: Some(next),
-                },
-            ))
-        }
-        (Route::NotificationList, _) => {
-            if !who.service {
-                return Err(ApiError::forbidden(
-                    "only a service token may create notifications",
-                ));
-            }
-            let body = read_json(req, shared.config.max_body_bytes).await?;
-            let user = match body.get("user") {
-                Some(Value::String(s)) if auth::valid_username(s) => s.clone(),
-                _ => return Err(ApiError::invalid_field("'user' must be a username")),
-            };
-            let text = match body.get("message") {
-                Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
-                _ => return Err(ApiError::invalid_field("'message' must be a non-empty string")),
-            };
-            if text.chars().count() > shared.config.max_message_chars {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "too_large",
-                    "'message' is longer than the limit",
-                ));
-            }
-            let n = shared
-                .sequencer
-                .ask(|reply| Write::Notify { user, text, reply })
-                .await?;
-            Ok(json(StatusCode::CREATED, &notification_view(&n)))
-        }
+        (Route::Messages(id), _) => history(id, query, &who, shared).await,
+        (Route::NotificationList, Method::GET) => list_notifications(query, &who, shared).await,
+        (Route::NotificationList, _) => create_notification(req, &who, shared).await,
         (Route::UnreadCount, _) => {
             #[derive(Serialize)]
             struct Count {
@@ -252,6 +130,153 @@ pub async fn handle(
         }
         _ => Err(ApiError::not_found("no such endpoint")),
     }
+}
+
+async fn list_conversations(who: &Identity, shared: &Shared) -> Result<Response<Body>, ApiError> {
+    // A service token is a participant of nothing, whatever its name.
+    let list = if who.service {
+        Vec::new()
+    } else {
+        shared.store.conversations_of(&who.user).await?
+    };
+    Ok(json(
+        StatusCode::OK,
+        &Results {
+            results: list.iter().map(conversation_view).collect(),
+            next: None,
+        },
+    ))
+}
+
+async fn create_conversation(
+    req: Request<Incoming>,
+    who: &Identity,
+    shared: &Shared,
+) -> Result<Response<Body>, ApiError> {
+    let body = read_json(req, shared.config.max_body_bytes).await?;
+    if who.service {
+        return Err(ApiError::forbidden("a service token is a participant of nothing"));
+    }
+    let not_usernames = || ApiError::invalid_field("'participants' must be a list of usernames");
+    let participants = match body.get("participants") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| match v {
+                Value::String(s) if auth::valid_username(s) => Ok(s.clone()),
+                _ => Err(not_usernames()),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(_) => return Err(not_usernames()),
+    };
+    let title = match body.get("title") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.chars().count() <= 200 => Some(s.clone()),
+        Some(_) => {
+            return Err(ApiError::invalid_field(
+                "'title' must be a string of at most 200 characters",
+            ))
+        }
+    };
+    let creator = who.user.clone();
+    let c = shared
+        .sequencer
+        .ask(|reply| Write::CreateConversation {
+            creator,
+            title,
+            participants,
+            reply,
+        })
+        .await?;
+    Ok(json(StatusCode::CREATED, &conversation_view(&c)))
+}
+
+async fn history(
+    id: Option<u64>,
+    query: Option<&str>,
+    who: &Identity,
+    shared: &Shared,
+) -> Result<Response<Body>, ApiError> {
+    let c = conversation_for(shared, id, who).await?;
+    let (before, limit) = page_params(query)?;
+    let Page { items, next } = shared.store.history(c.id, before.map(MessageId), limit).await?;
+    let results = items
+        .iter()
+        .map(|m| MessageView {
+            id: m.id.0,
+            sender: &m.sender,
+            content: &m.content,
+            timestamp: m.timestamp,
+            edited: Some(m.edited),
+        })
+        .collect();
+    Ok(json(
+        StatusCode::OK,
+        &Results {
+            results,
+            next: Some(next),
+        },
+    ))
+}
+
+async fn list_notifications(
+    query: Option<&str>,
+    who: &Identity,
+    shared: &Shared,
+) -> Result<Response<Body>, ApiError> {
+    let (before, limit) = page_params(query)?;
+    let unread = match auth::query_param(query, "unread") {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => return Err(ApiError::invalid_field("'unread' must be true or false")),
+    };
+    let before = before.map(NotificationId);
+    let Page { items, next } = shared
+        .store
+        .notifications(&who.user, unread, before, limit)
+        .await?;
+    let results = items.iter().map(notification_view).collect();
+    Ok(json(
+        StatusCode::OK,
+        &Results {
+            results,
+            next: Some(next),
+        },
+    ))
+}
+
+/// A service posts a notification for a user.
+async fn create_notification(
+    req: Request<Incoming>,
+    who: &Identity,
+    shared: &Shared,
+) -> Result<Response<Body>, ApiError> {
+    if !who.service {
+        return Err(ApiError::forbidden(
+            "only a service token may create notifications",
+        ));
+    }
+    let body = read_json(req, shared.config.max_body_bytes).await?;
+    let user = match body.get("user") {
+        Some(Value::String(s)) if auth::valid_username(s) => s.clone(),
+        _ => return Err(ApiError::invalid_field("'user' must be a username")),
+    };
+    let text = match body.get("message") {
+        Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
+        _ => return Err(ApiError::invalid_field("'message' must be a non-empty string")),
+    };
+    if text.chars().count() > shared.config.max_message_chars {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "too_large",
+            "'message' is longer than the limit",
+        ));
+    }
+    let n = shared
+        .sequencer
+        .ask(|reply| Write::Notify { user, text, reply })
+        .await?;
+    Ok(json(StatusCode::CREATED, &notification_view(&n)))
 }
 
 /// The conversation, if it exists (404) and the caller takes part (403).

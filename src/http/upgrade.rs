@@ -11,7 +11,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::{ApiError, Body, Route};
-use crate::auth::{self, AuthError};
+use crate::auth::{self, AuthError, Identity};
 use crate::ids::{ConversationId, MessageId, NotificationId};
 use crate::state::Shared;
 use crate::ws::{self, Session, Topic};
@@ -89,6 +89,8 @@ pub async fn upgrade(
     Ok(Response::from_parts(parts, Body::default()))
 }
 
+/// Part B/D's checks, in order: token (401), path (404), then the topic's
+/// own checks; answers the session and whether `bearer` was offered.
 async fn check(req: &Request<Incoming>, route: Route, shared: &Shared) -> Result<(Session, bool), ApiError> {
     let query = req.uri().query();
     let presented = auth::presented(req.headers(), query, true);
@@ -96,58 +98,16 @@ async fn check(req: &Request<Incoming>, route: Route, shared: &Shared) -> Result
         .token
         .ok_or(ApiError::unauthorized(AuthError::Missing))?;
     let who = shared.verifier.verify(token).map_err(ApiError::unauthorized)?;
-    let after_raw = auth::query_param(query, "after");
-    let bad_after = |detail| ApiError::invalid_field(detail);
-    let parse_after = |s: &str| -> Option<u64> {
-        if s == "0" {
-            Some(0)
-        } else {
-            super::parse_id(s)
-        }
-    };
+    let after = auth::query_param(query, "after");
     let (topic, resume) = match route {
         Route::Chat(id) => {
             let id = ConversationId(id.ok_or(ApiError::not_found("no such conversation"))?);
-            if !shared.store.conversation_exists(id).await? {
-                return Err(ApiError::not_found("no such conversation"));
-            }
-            if who.service || !shared.store.is_participant(id, &who.user).await? {
-                return Err(ApiError::forbidden("not a participant of this conversation"));
-            }
-            let resume = match after_raw {
-                None => None,
-                Some(s) => {
-                    let after = parse_after(s).ok_or(bad_after("'after' must be 0 or a message id"))?;
-                    if after == 0 {
-                        Some(0)
-                    } else {
-                        let m = shared
-                            .store
-                            .message(id, MessageId(after))
-                            .await?
-                            .ok_or(bad_after("'after' is not a message of this conversation"))?;
-                        Some(m.seq.0)
-                    }
-                }
-            };
-            (Topic::Chat(id), resume)
+            (Topic::Chat(id), chat_resume(id, &who, after, shared).await?)
         }
-        Route::Notifications => {
-            let resume = match after_raw {
-                None => None,
-                Some(s) => {
-                    let after = parse_after(s).ok_or(bad_after("'after' must be 0 or a notification id"))?;
-                    if after != 0 {
-                        match shared.store.notification(NotificationId(after)).await? {
-                            Some(n) if *n.user == *who.user => {}
-                            _ => return Err(bad_after("'after' is not one of your notifications")),
-                        }
-                    }
-                    Some(after)
-                }
-            };
-            (Topic::Notifications, resume)
-        }
+        Route::Notifications => (
+            Topic::Notifications,
+            notifications_resume(&who, after, shared).await?,
+        ),
         _ => return Err(ApiError::not_found("no such WebSocket endpoint")),
     };
     Ok((
@@ -158,4 +118,70 @@ async fn check(req: &Request<Incoming>, route: Route, shared: &Shared) -> Result
         },
         presented.offered_bearer,
     ))
+}
+
+/// `after=0` or an id in canonical form.
+fn parse_after(s: &str) -> Option<u64> {
+    if s == "0" {
+        Some(0)
+    } else {
+        super::parse_id(s)
+    }
+}
+
+/// A chat socket: the conversation exists (404), the caller takes part
+/// (403), and `after`, if given, is 0 or a message of it (400); answers
+/// the log position to replay after.
+async fn chat_resume(
+    id: ConversationId,
+    who: &Identity,
+    after: Option<&str>,
+    shared: &Shared,
+) -> Result<Option<u64>, ApiError> {
+    if !shared.store.conversation_exists(id).await? {
+        return Err(ApiError::not_found("no such conversation"));
+    }
+    if who.service || !shared.store.is_participant(id, &who.user).await? {
+        return Err(ApiError::forbidden("not a participant of this conversation"));
+    }
+    let Some(s) = after else {
+        return Ok(None);
+    };
+    match parse_after(s).ok_or(ApiError::invalid_field("'after' must be 0 or a message id"))? {
+        0 => Ok(Some(0)),
+        after => {
+            let m = shared
+                .store
+                .message(id, MessageId(after))
+                .await?
+                .ok_or(ApiError::invalid_field(
+                    "'after' is not a message of this conversation",
+                ))?;
+            Ok(Some(m.seq.0))
+        }
+    }
+}
+
+/// A notifications socket: `after`, if given, is 0 or one of the caller's
+/// notifications (400).
+async fn notifications_resume(
+    who: &Identity,
+    after: Option<&str>,
+    shared: &Shared,
+) -> Result<Option<u64>, ApiError> {
+    let Some(s) = after else {
+        return Ok(None);
+    };
+    let after = parse_after(s).ok_or(ApiError::invalid_field("'after' must be 0 or a notification id"))?;
+    if after != 0 {
+        match shared.store.notification(NotificationId(after)).await? {
+            Some(n) if *n.user == *who.user => {}
+            _ => {
+                return Err(ApiError::invalid_field(
+                    "'after' is not one of your notifications",
+                ))
+            }
+        }
+    }
+    Ok(Some(after))
 }

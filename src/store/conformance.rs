@@ -118,6 +118,8 @@ fn ids_increase_across_reopen(b: &dyn Backend) {
     );
 }
 
+/// A message, its event and the notifications it caused: all there, read
+/// back after a reopen (long: it builds one change with every part).
 fn a_chat_change_is_whole(b: &dyn Backend) {
     let s = b.open();
     let mut g = s.begin().unwrap();
