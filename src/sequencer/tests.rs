@@ -32,6 +32,8 @@ struct Probe {
     batches: Mutex<Vec<Batch>>,
     /// (held, the writer is waiting at the gate)
     gate: Mutex<(bool, bool)>,
+    /// A conversation whose presence lookups panic: a bug in one request.
+    broken: Mutex<Option<ConversationId>>,
     changed: Condvar,
 }
 
@@ -42,6 +44,7 @@ impl Probe {
             batches: Mutex::new(Vec::new()),
             gate: Mutex::new((false, false)),
             changed: Condvar::new(),
+            broken: Mutex::new(None),
         })
     }
 
@@ -102,6 +105,9 @@ impl Presence for Probe {
         participants: &[Arc<str>],
         sender: &str,
     ) -> SmallVec<[Arc<str>; 4]> {
+        if *self.broken.lock().unwrap() == Some(conversation) {
+            panic!("a bug in presence (this panic is the test's)");
+        }
         self.hub.absent(conversation, participants, sender)
     }
 }
@@ -983,4 +989,41 @@ async fn two_thousand_requests_at_once_arrive_in_order() {
         "requests queued together share a group"
     );
     assert!(batches.windows(2).all(|w| w[0].last_seq < w[1].last_seq));
+}
+
+#[tokio::test]
+async fn a_request_that_panics_is_dropped_and_the_rest_of_its_group_goes_on() {
+    let rig = Rig::new(1000);
+    let c = rig.conversation("alice", &["bob"]).await;
+    let broken = rig.conversation("alice", &["bob"]).await;
+    let alice = rig.socket("alice", Topic::Chat(c));
+    let alice_broken = rig.socket("alice", Topic::Chat(broken));
+    *rig.probe.broken.lock().unwrap() = Some(broken);
+    rig.probe.hold(rig.seq()).await;
+    rig.say(c, &alice, send("before")).await;
+    rig.say(broken, &alice_broken, send("panics")).await;
+    rig.say(c, &alice, send("after")).await;
+    rig.probe.release();
+    rig.settle().await;
+    assert_eq!(contents(&alice.received()), ["before", "after"]);
+    assert!(
+        alice_broken.received().is_empty(),
+        "the dropped request shows nothing"
+    );
+    assert!(rig
+        .store
+        .history(broken, None, 10)
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+
+    *rig.probe.broken.lock().unwrap() = None;
+    rig.say(broken, &alice_broken, send("fixed")).await;
+    rig.settle().await;
+    assert_eq!(
+        contents(&alice_broken.received()),
+        ["fixed"],
+        "the writer still runs"
+    );
 }
