@@ -157,7 +157,11 @@ impl Outbox {
             // ones are dropped, and the close follows the queue.
             q.closing = Some(SLOW_CONSUMER);
         } else {
-            q.bytes += bytes.len();
+            // Unbounded frames (a replay) are not the reader's backlog: a
+            // live frame right behind a large replay must not close it.
+            if !unbounded {
+                q.bytes += bytes.len();
+            }
             q.frames.push(bytes);
         }
         drop(q);
@@ -247,4 +251,183 @@ fn send_now(fd: RawFd, bytes: &[u8]) -> Option<usize> {
         )
     };
     (n > 0).then_some(n as usize)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// One server frame as a client reads it.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub(crate) struct Seen {
+        pub opcode: u8,
+        pub payload: Vec<u8>,
+    }
+
+    /// Decodes RFC 6455 server frames (final, unmasked: what
+    /// [`wire::put_frame`] writes), panicking on anything else, since a
+    /// client would refuse it too.
+    pub(crate) fn server_frames(mut b: &[u8]) -> Vec<Seen> {
+        let mut out = Vec::new();
+        while !b.is_empty() {
+            assert!(b.len() >= 2, "a truncated frame header");
+            assert_eq!(b[0] & 0x80, 0x80, "server frames here are final");
+            assert_eq!(b[0] & 0x70, 0, "no reserved bits");
+            assert_eq!(b[1] & 0x80, 0, "server frames are unmasked");
+            let (len, at) = match b[1] & 0x7F {
+                126 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
+                127 => (u64::from_be_bytes(b[2..10].try_into().unwrap()) as usize, 10),
+                n => (n as usize, 2),
+            };
+            assert!(b.len() >= at + len, "a truncated frame payload");
+            out.push(Seen {
+                opcode: b[0] & 0x0F,
+                payload: b[at..at + len].to_vec(),
+            });
+            b = &b[at + len..];
+        }
+        out
+    }
+
+    /// What a socket task would write now: every queued frame, decoded, and
+    /// the close it was asked to send; then it releases the outbox, as a
+    /// writer that wrote everything does.
+    pub(crate) fn take(outbox: &Outbox) -> (Vec<Seen>, Option<Closing>) {
+        let d = outbox.drain();
+        let mut frames = Vec::new();
+        for b in &d.frames {
+            frames.extend(server_frames(b));
+        }
+        outbox.release();
+        (frames, d.closing)
+    }
+
+    fn text(payload: &[u8]) -> Bytes {
+        let mut b = BytesMut::new();
+        wire::put_frame(&mut b, OpCode::Text, payload);
+        b.freeze()
+    }
+
+    fn payloads(frames: &[Seen]) -> Vec<&[u8]> {
+        frames.iter().map(|f| f.payload.as_slice()).collect()
+    }
+
+    fn outbox(limit: usize) -> Arc<Outbox> {
+        Outbox::new(Arc::from("alice"), limit)
+    }
+
+    #[test]
+    fn what_is_queued_is_drained_in_order_once() {
+        let o = outbox(1 << 20);
+        o.push(text(b"one"));
+        o.push_text(b"two");
+        o.push(text(&[b'x'; 300]));
+        let (frames, closing) = take(&o);
+        assert_eq!(payloads(&frames), [&b"one"[..], b"two", &[b'x'; 300][..]]);
+        assert!(frames.iter().all(|f| f.opcode == 0x1));
+        assert_eq!(closing, None);
+        let (frames, closing) = take(&o);
+        assert!(frames.is_empty(), "a frame is handed over once");
+        assert_eq!(closing, None);
+    }
+
+    #[test]
+    fn a_slow_consumer_is_closed_with_1013_after_what_is_queued() {
+        // Two 50-byte frames fit in 120 bytes; the third does not.
+        let o = outbox(120);
+        let frame = |i: u8| text(&[i; 48]);
+        assert_eq!(frame(0).len(), 50);
+        o.push(frame(1));
+        o.push(frame(2));
+        assert_eq!(o.closing(), None);
+        o.push(frame(3));
+        assert_eq!(o.closing().map(|c| c.code), Some(wire::close::TRY_AGAIN_LATER));
+        o.push(frame(4));
+        o.push_text(b"an error reply");
+        let (frames, closing) = take(&o);
+        assert_eq!(
+            payloads(&frames),
+            [&[1u8; 48][..], &[2u8; 48][..]],
+            "what fit, in order; nothing later"
+        );
+        assert_eq!(closing, Some(SLOW_CONSUMER));
+        o.push(frame(5));
+        let (frames, closing) = take(&o);
+        assert!(frames.is_empty(), "nothing is queued after the close");
+        assert_eq!(closing.map(|c| c.code), Some(1013));
+    }
+
+    #[test]
+    fn the_limit_counts_bytes_since_the_last_drain() {
+        let o = outbox(120);
+        for round in 0..10u8 {
+            o.push(text(&[round; 48]));
+            o.push(text(&[round; 48]));
+            let (frames, closing) = take(&o);
+            assert_eq!(frames.len(), 2);
+            assert_eq!(closing, None, "a reader that keeps up is never closed");
+        }
+    }
+
+    #[test]
+    fn an_unbounded_push_does_not_count_against_the_limit() {
+        // A resume replay far over the limit, then live frames before the
+        // socket task got to write the replay: the socket must stay open.
+        let o = outbox(120);
+        let replay: Vec<u8> = (0..20u8).flat_map(|i| text(&[i; 48])).collect();
+        o.push_unbounded(Bytes::from(replay));
+        assert_eq!(o.closing(), None);
+        o.push(text(b"live 1"));
+        o.push(text(b"live 2"));
+        assert_eq!(o.closing(), None, "the replay is not the reader's backlog");
+        let (frames, closing) = take(&o);
+        assert_eq!(frames.len(), 22);
+        assert_eq!(frames[20].payload, b"live 1");
+        assert_eq!(frames[21].payload, b"live 2");
+        assert_eq!(closing, None);
+    }
+
+    #[test]
+    fn nothing_is_queued_after_close() {
+        let o = outbox(1 << 20);
+        o.push(text(b"before"));
+        o.close(wire::GOING_AWAY);
+        o.close(SLOW_CONSUMER);
+        o.push(text(b"after"));
+        o.push_unbounded(text(b"after, unbounded"));
+        o.push_text(b"after, an error");
+        let (frames, closing) = take(&o);
+        assert_eq!(payloads(&frames), [&b"before"[..]]);
+        assert_eq!(
+            closing.map(|c| c.code),
+            Some(wire::close::GOING_AWAY),
+            "the first close wins"
+        );
+    }
+
+    #[test]
+    fn release_says_when_more_was_queued_meanwhile() {
+        let o = outbox(1 << 20);
+        o.push(text(b"one"));
+        let d = o.drain();
+        assert_eq!(d.frames.len(), 1);
+        o.push(text(b"two"));
+        assert!(!o.release(), "the writer must drain again");
+        let d = o.drain();
+        assert_eq!(server_frames(&d.frames[0])[0].payload, b"two");
+        assert!(o.release(), "nothing was queued meanwhile");
+        let d = o.drain();
+        assert!(d.frames.is_empty());
+        o.close(wire::GOING_AWAY);
+        assert!(!o.release(), "a close queued meanwhile is more to write");
+    }
+
+    #[test]
+    fn a_detached_socket_takes_nothing_more() {
+        let o = outbox(1 << 20);
+        o.detach();
+        o.push(text(b"late"));
+        let (frames, _) = take(&o);
+        assert!(frames.is_empty());
+    }
 }

@@ -39,7 +39,7 @@ impl Writer {
         outbox: Arc<Outbox>,
     ) {
         match self.chat_op(g, conversation, user, op) {
-            Ok(()) => {}
+            Ok(()) => self.out.accepted(outbox),
             Err(ChatError::Rejected(r)) => self.out.reject(outbox, r),
             Err(ChatError::Store(e)) => {
                 tracing::error!("chat write failed: {}", e.chain());

@@ -36,7 +36,9 @@ pub(super) struct Output {
     user_index: HashMap<Arc<str>, usize>,
     /// Error frames for single sockets (`not_found`, `forbidden`,
     /// `unavailable`); sent only after the commit, like everything else.
-    rejections: Vec<(Arc<Outbox>, Rejection)>,
+    /// `None` marks the sender of an accepted chat write: it hears nothing
+    /// unless the commit fails, and then `unavailable` like the rest.
+    rejections: Vec<(Arc<Outbox>, Option<Rejection>)>,
     replies: Vec<Answer>,
     pub resumes: Vec<Resume>,
     /// Changes applied in this group.
@@ -76,7 +78,13 @@ impl Output {
     }
 
     pub fn reject(&mut self, outbox: Arc<Outbox>, r: Rejection) {
-        self.rejections.push((outbox, r));
+        self.rejections.push((outbox, Some(r)));
+    }
+
+    /// A chat write of `outbox`'s user was accepted: if the group's commit
+    /// fails, the sender must still hear that it was not kept.
+    pub fn accepted(&mut self, outbox: Arc<Outbox>) {
+        self.rejections.push((outbox, None));
     }
 
     /// Answers a REST write after the group's commit: with its result if
@@ -120,10 +128,11 @@ impl Output {
             self.conversations.clear();
             self.users.clear();
             for r in &mut self.rejections {
-                r.1 = protocol::UNAVAILABLE;
+                r.1 = Some(protocol::UNAVAILABLE);
             }
         }
         for (outbox, r) in self.rejections.drain(..) {
+            let Some(r) = r else { continue };
             metrics.error(r.code.as_str());
             scratch.clear();
             protocol::encode_error(scratch, &r);
