@@ -7,7 +7,8 @@
 //! - [`state`]: what every connection shares (HTTP and sockets).
 //! - [`http`]: routing, upgrade checks, the REST API.
 //! - [`auth`]: where tokens come from and whether they are valid.
-//! - [`ws`]: one socket's whole life.
+//! - [`ws`]: one socket's whole life: the RFC 6455 engine and the chat handler.
+//! - [`limits`]: socket slots, per-user and per-IP limits, the shutdown latch.
 //! - [`wire`]: RFC 6455 framing and close codes, a leaf every layer may use.
 //! - [`protocol`]: inbound frames parsed in place, outbound events encoded once.
 //! - [`sequencer`]: the one writer: order, ids, group commit, then publish.
@@ -20,6 +21,7 @@ pub mod config;
 pub mod http;
 pub mod hub;
 pub mod ids;
+pub mod limits;
 pub mod metrics;
 pub mod outbox;
 pub mod protocol;
