@@ -13,6 +13,7 @@ mod harness;
 mod util;
 
 mod crash_safety;
+mod edge_limits;
 mod hostile_input;
 mod limits;
 mod slow_consumer;
