@@ -16,5 +16,6 @@ mod crash_safety;
 mod edge_limits;
 mod hostile_input;
 mod limits;
+mod shutdown;
 mod slow_consumer;
 mod storage_faults;
