@@ -173,6 +173,17 @@ struct Fragments {
     checked: usize,
 }
 
+/// The UTF-8 check of a text frame's payload while it arrives: invalid
+/// text fails the connection before the frame is whole (a peer may send a
+/// 16 MiB frame slowly; Autobahn 6.4.3 / 6.4.4).
+struct PartialText {
+    /// Payload bytes checked so far.
+    checked: usize,
+    /// A character cut at `checked`, to be completed by the next bytes.
+    carry: [u8; 4],
+    carry_len: u8,
+}
+
 /// What an idle socket does not need, in one `Box` that exists only while
 /// some of it is in use.
 pub struct Extra<R> {
@@ -184,6 +195,8 @@ pub struct Extra<R> {
     fragments: Option<Fragments>,
     /// The close timeout, from the moment the close was decided.
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// How far the text payload of the partial frame in `rbuf` is checked.
+    partial: Option<PartialText>,
     rare: R,
 }
 
@@ -195,6 +208,7 @@ impl<R: Rare> Default for Extra<R> {
             rbuf: Vec::new(),
             fragments: None,
             timer: None,
+            partial: None,
             rare: R::default(),
         }
     }
@@ -207,6 +221,7 @@ impl<R: Rare> Extra<R> {
             && self.rbuf.is_empty()
             && self.fragments.is_none()
             && self.timer.is_none()
+            && self.partial.is_none()
             && self.rare.is_idle()
     }
 }
@@ -608,17 +623,69 @@ impl<H: Handler> Conn<H> {
             let mut needed = 0;
             match wire::decode(&mut buf[pos..], max, &mut needed) {
                 Ok(Some(f)) => {
+                    if let Some(x) = self.extra.as_mut() {
+                        x.partial = None;
+                    }
                     let payload = pos + f.payload.start..pos + f.payload.end;
                     pos += f.len;
                     if let Err(v) = self.on_frame(f.fin, f.opcode, &mut buf[payload]) {
                         self.fail(v);
                     }
                 }
-                Ok(None) => break,
+                Ok(None) => {
+                    if let Err(v) = self.check_partial(&buf[pos..]) {
+                        self.fail(v);
+                    }
+                    break;
+                }
                 Err(v) => self.fail(v),
             }
         }
         pos
+    }
+
+    /// Checks the part of a text frame that has arrived (the frame at the
+    /// start of `partial` is not whole), from where the last check stopped.
+    fn check_partial(&mut self, partial: &[u8]) -> Result<(), Violation> {
+        let Some(h) = wire::peek_header(partial) else {
+            return Ok(());
+        };
+        let fragments = self.extra.as_ref().and_then(|x| x.fragments.as_ref());
+        let tail = match (h.opcode, fragments) {
+            (OpCode::Text, None) => &[][..],
+            (OpCode::Continuation, Some(fr)) if fr.opcode == OpCode::Text => &fr.data[fr.checked..],
+            _ => return Ok(()),
+        };
+        let mut st = PartialText {
+            checked: 0,
+            carry: [0; 4],
+            carry_len: tail.len() as u8,
+        };
+        st.carry[..tail.len()].copy_from_slice(tail);
+        let x = self.extra();
+        let st = x.partial.get_or_insert(st);
+        let payload = &partial[h.payload_start..];
+        let mut tmp = [0u8; 1024 + 4];
+        while st.checked < payload.len() {
+            let c = st.carry_len as usize;
+            let n = (payload.len() - st.checked).min(1024);
+            tmp[..c].copy_from_slice(&st.carry[..c]);
+            for k in 0..n {
+                let i = st.checked + k;
+                tmp[c + k] = payload[i] ^ h.mask[i % 4];
+            }
+            match std::str::from_utf8(&tmp[..c + n]) {
+                Ok(_) => st.carry_len = 0,
+                Err(e) if e.error_len().is_some() => return Err(INVALID_TEXT),
+                Err(e) => {
+                    let rest = &tmp[e.valid_up_to()..c + n];
+                    st.carry[..rest.len()].copy_from_slice(rest);
+                    st.carry_len = rest.len() as u8;
+                }
+            }
+            st.checked += n;
+        }
+        Ok(())
     }
 
     /// The peer broke the protocol: our close goes out, and what follows in

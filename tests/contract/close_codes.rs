@@ -150,3 +150,19 @@ async fn text_split_inside_a_character_across_fragments_is_fine() {
     let echo = raw.recv_json().await;
     assert_eq!(echo["content"], "κόσμε");
 }
+
+#[tokio::test]
+async fn a_text_frame_fails_1007_as_soon_as_its_first_bytes_are_invalid() {
+    let server = Server::start();
+    for (kind, mut raw) in both_sockets(&server).await {
+        // One 2,000-byte frame: valid text, then a surrogate; only the
+        // first half is sent, the rest never is.
+        let mut payload = "κόσμε".repeat(50).into_bytes();
+        payload.extend_from_slice(b"\xed\xa0\x80");
+        payload.resize(2000, b'x');
+        let frame = masked_frame(true, OP_TEXT, &payload);
+        raw.send_raw(&frame[..1000]).await;
+        let code = raw.expect_close().await;
+        assert_eq!(code, Some(1007), "{kind}");
+    }
+}
