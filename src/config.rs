@@ -110,6 +110,18 @@ pub struct ServeArgs {
     /// Close a pinged socket that stays silent this much longer.
     #[arg(long, env = "PARLEY_PING_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub ping_timeout: Duration,
+    /// Time a peer has to take our close frame and answer it; then the
+    /// connection is reset.
+    #[arg(long, env = "PARLEY_CLOSE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub close_timeout: Duration,
+    /// Open sockets one user may have (0 = unlimited); the oldest are kept
+    /// and a new upgrade beyond is answered 429.
+    #[arg(long, env = "PARLEY_MAX_SOCKETS_PER_USER", default_value_t = 0)]
+    pub max_sockets_per_user: u32,
+    /// WebSocket upgrades one client IP may attempt per second (0 =
+    /// unlimited); 429 beyond.
+    #[arg(long, env = "PARLEY_MAX_UPGRADES_PER_IP", default_value_t = 0)]
+    pub max_upgrades_per_ip: u32,
     /// Serve `/metrics` (on by default).
     #[arg(long, env = "PARLEY_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
     pub metrics: bool,
@@ -163,6 +175,11 @@ pub struct Config {
     /// `None`: never ping.
     pub ping_interval: Option<Duration>,
     pub ping_timeout: Duration,
+    pub close_timeout: Duration,
+    /// 0: unlimited.
+    pub max_sockets_per_user: u32,
+    /// 0: unlimited.
+    pub max_upgrades_per_ip: u32,
     pub metrics: bool,
 }
 
@@ -201,6 +218,9 @@ impl Config {
         }
         if a.handshake_timeout.is_zero() {
             return Err(bad("--handshake-timeout must be more than 0s"));
+        }
+        if a.close_timeout < Duration::from_millis(100) {
+            return Err(bad("--close-timeout must be at least 100ms"));
         }
         if a.max_replay_events == 0 {
             return Err(bad("--max-replay-events must be at least 1"));
@@ -250,6 +270,9 @@ impl Config {
             handshake_timeout: a.handshake_timeout,
             ping_interval: (!a.ping_interval.is_zero()).then_some(a.ping_interval),
             ping_timeout: a.ping_timeout,
+            close_timeout: a.close_timeout,
+            max_sockets_per_user: a.max_sockets_per_user,
+            max_upgrades_per_ip: a.max_upgrades_per_ip,
             metrics: a.metrics,
         })
     }

@@ -15,14 +15,16 @@
 //!   interfaces the writer publishes through.
 //! - `sequencer`: the one writer: order, ids, group commit, then publish.
 //! - `state`: what every connection shares (HTTP and sockets).
-//! - `ws`: one socket's whole life. `http`: routing, upgrade checks, REST.
+//! - `limits`: socket slots, per-user and per-IP limits, the shutdown latch.
+//! - [`ws`]: one socket's whole life: the RFC 6455 engine ([`ws::engine`])
+//!   and the chat handler. `http`: routing, upgrade checks, REST.
 //! - [`server`]: accept loop, graceful shutdown.
 //!
 //! # What is public
 //! Everything is crate-private unless something outside the library needs
 //! it: the binary (`config`, `auth`, `server`), the fuzz targets and benches
-//! (`wire`, `protocol`, `hub`, `outbox`, `store`, `ids`) and the integration
-//! tests (the same). The load generator speaks only the wire contract and
+//! (`wire`, `protocol`, `hub`, `outbox`, `store`, `ids`), the Autobahn echo
+//! example (`ws::engine`) and the integration tests (the same). The load generator speaks only the wire contract and
 //! uses none of it.
 
 pub mod auth;
@@ -30,6 +32,7 @@ pub mod config;
 mod http;
 pub mod hub;
 pub mod ids;
+mod limits;
 mod metrics;
 pub mod outbox;
 pub mod protocol;
@@ -38,4 +41,4 @@ pub mod server;
 mod state;
 pub mod store;
 pub mod wire;
-mod ws;
+pub mod ws;

@@ -21,6 +21,11 @@ pub struct Code {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Limit {
+    pub limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Status {
     pub status: u16,
 }
@@ -39,6 +44,12 @@ pub struct Metrics {
     pub refused: Family<Status, Counter>,
     /// Sockets closed for not reading their queue.
     pub slow_consumers: Counter,
+    /// Upgrades refused by an edge limit, `limit` = sockets_per_user |
+    /// upgrades_per_ip.
+    pub limited: Family<Limit, Counter>,
+    /// Connections reset because the peer did not answer our close within
+    /// `--close-timeout`.
+    pub close_timeouts: Counter,
     /// Seconds per store flush.
     pub flush_seconds: Histogram,
     /// Writes sharing one flush.
@@ -54,6 +65,8 @@ impl Metrics {
         let errors = Family::<Code, Counter>::default();
         let refused = Family::<Status, Counter>::default();
         let slow_consumers = Counter::default();
+        let limited = Family::<Limit, Counter>::default();
+        let close_timeouts = Counter::default();
         let flush_seconds = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
         let group_size = Histogram::new(exponential_buckets(1.0, 2.0, 12));
         registry.register("open_sockets", "Open WebSocket connections", sockets.clone());
@@ -71,6 +84,16 @@ impl Metrics {
             slow_consumers.clone(),
         );
         registry.register(
+            "limited_upgrades",
+            "Upgrades refused by an edge limit, by limit",
+            limited.clone(),
+        );
+        registry.register(
+            "close_timeouts",
+            "Connections reset for not answering a close in time",
+            close_timeouts.clone(),
+        );
+        registry.register(
             "store_flush_seconds",
             "Time per store flush",
             flush_seconds.clone(),
@@ -84,6 +107,8 @@ impl Metrics {
             errors,
             refused,
             slow_consumers,
+            limited,
+            close_timeouts,
             flush_seconds,
             group_size,
         }

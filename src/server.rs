@@ -3,7 +3,7 @@
 //! `run(listener, config, shutdown)` is the whole server: tests bind port 0
 //! and cancel the token; `main` passes ctrl-c / SIGTERM.
 
-use std::sync::atomic::AtomicUsize;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Verifier;
 use crate::config::{Config, Durability};
 use crate::hub::Hub;
+use crate::limits::{ClientAddr, Gate};
 use crate::metrics::Metrics;
 use crate::sequencer::{Sequencer, Wiring};
 use crate::state::Shared;
@@ -26,8 +27,14 @@ use crate::store::{SledStore, Store, StoreError};
 use crate::wire::Closing;
 use crate::wire::{close, GOING_AWAY};
 
-/// How long shutdown waits for connections to finish before exiting anyway.
+/// How long shutdown waits for HTTP connections to finish before exiting
+/// anyway (sockets get `--close-timeout` plus [`SHUTDOWN_SLACK`]).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Beyond the close timeout, for the last sockets' tasks to run once their
+/// timer fires (a busy runtime under thousands of closes).
+const SHUTDOWN_SLACK: Duration = Duration::from_secs(2);
+/// How long the sequencer may take to finish its last group and flush.
+const WRITER_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -35,6 +42,8 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error("cannot listen: {0}")]
     Io(#[from] std::io::Error),
+    #[error("the store's final flush did not finish within {0:?} of shutdown")]
+    FlushTimeout(Duration),
 }
 
 /// Binds `addr` with a listen backlog deep enough for connection storms
@@ -83,12 +92,16 @@ pub async fn run(
     ))?;
     let shared = Arc::new(Shared {
         verifier: Verifier::new(&config.jwt),
-        config,
         store: store.clone(),
         hub: hub.clone(),
         sequencer,
+        gate: Gate::new(
+            config.max_connections,
+            Some(config.max_sockets_per_user),
+            Some(config.max_upgrades_per_ip),
+        ),
+        config,
         metrics,
-        sockets: AtomicUsize::new(0),
     });
     println!("listening on http://{}", listener.local_addr()?);
     let tracker = TaskTracker::new();
@@ -101,10 +114,10 @@ pub async fn run(
             r = listener.accept() => r,
         };
         match accepted {
-            Ok((stream, _)) => {
+            Ok((stream, peer)) => {
                 let shared = shared.clone();
                 let shutdown = shutdown.clone();
-                tracker.spawn(connection(stream, shared, shutdown));
+                tracker.spawn(connection(stream, peer, shared, shutdown));
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off rather than spin.
@@ -114,26 +127,57 @@ pub async fn run(
         }
     }
     drop(listener);
+    shut_down(shared, tracker, writer, store).await
+}
+
+/// The tail of [`run`]: no new sockets, every open one closed with 1001,
+/// the sequencer's last group flushed. Every wait is bounded: a peer that
+/// does not answer its close is reset after `--close-timeout`, an HTTP
+/// connection is dropped after [`SHUTDOWN_GRACE`], and a writer that does
+/// not finish within [`WRITER_GRACE`] is an error (exit 1), never a hang.
+async fn shut_down(
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    writer: std::thread::JoinHandle<()>,
+    store: Arc<dyn Store>,
+) -> Result<(), ServerError> {
+    // Joins are refused from here on; one that took its slot before this
+    // line checks again once joined (`ws::Subscription::join`), so the
+    // close below reaches every socket, whenever it joined.
+    shared.gate.begin_shutdown();
     tracker.close();
-    hub.close_all(GOING_AWAY);
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; exiting anyway");
+    shared.hub.close_all(GOING_AWAY);
+    let sockets_bound = shared.config.close_timeout + SHUTDOWN_SLACK;
+    let bound = sockets_bound.max(SHUTDOWN_GRACE);
+    let started = std::time::Instant::now();
+    let all_done = async {
+        tokio::join!(tracker.wait(), shared.gate.all_closed());
+    };
+    if tokio::time::timeout(bound, all_done).await.is_err() {
+        tracing::warn!(
+            "{} sockets still open after {bound:?}; exiting anyway",
+            shared.gate.open()
+        );
+    } else {
+        tracing::info!("every connection closed in {:?}", started.elapsed());
     }
-    // Dropping the last sequencer handle ends the writer after a final flush.
+    // Dropping the last sequencer handle ends the writer after a final
+    // flush. A plain thread, not `spawn_blocking`: the runtime waits for
+    // its blocking tasks when dropped, and this wait must stay bounded.
     drop(shared);
-    let flushed = tokio::task::spawn_blocking(move || {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
         let _ = writer.join();
-        store.flush()
-    })
-    .await;
-    match flushed {
-        Ok(r) => r?,
-        Err(e) => tracing::error!("final flush task failed: {e}"),
+        let _ = tx.send(store.flush());
+    });
+    match tokio::time::timeout(WRITER_GRACE, rx).await {
+        Ok(Ok(r)) => Ok(r?),
+        Ok(Err(_)) => {
+            tracing::error!("final flush thread ended without an answer");
+            Ok(())
+        }
+        Err(_) => Err(ServerError::FlushTimeout(WRITER_GRACE)),
     }
-    Ok(())
 }
 
 /// Pings sockets that have been quiet for `interval` and closes those that
@@ -170,11 +214,17 @@ async fn reap_idle(shared: Arc<Shared>, interval: Duration, shutdown: Cancellati
 
 /// One TCP connection: HTTP/1.1 until it upgrades (the socket then lives
 /// in `ws::serve`) or closes.
-async fn connection(stream: TcpStream, shared: Arc<Shared>, shutdown: CancellationToken) {
+async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, shutdown: CancellationToken) {
     let _ = stream.set_nodelay(true);
     let timeout = shared.config.handshake_timeout;
     let svc_shared = shared.clone();
-    let service = service_fn(move |req| {
+    // The peer's address travels with its requests only when a per-IP
+    // limit needs it (an extension costs an allocation per request).
+    let tag = shared.gate.limits_ips();
+    let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        if tag {
+            req.extensions_mut().insert(ClientAddr(peer));
+        }
         let shared = svc_shared.clone();
         async move { Ok::<_, std::convert::Infallible>(crate::http::handle(req, shared).await) }
     });

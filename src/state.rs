@@ -5,12 +5,12 @@
 //! them on each other: the accept loop calls into `http`, never the other
 //! way round.
 
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use crate::auth::Verifier;
 use crate::config::Config;
 use crate::hub::Hub;
+use crate::limits::Gate;
 use crate::metrics::Metrics;
 use crate::sequencer::Sequencer;
 use crate::store::Store;
@@ -23,6 +23,7 @@ pub struct Shared {
     pub hub: Arc<Hub>,
     pub sequencer: Sequencer,
     pub metrics: Arc<Metrics>,
-    /// Open (or upgrading) WebSockets, for `--max-connections`.
-    pub sockets: AtomicUsize,
+    /// Open (or upgrading) WebSockets: `--max-connections`, the per-user
+    /// and per-IP limits, and whether shutdown began.
+    pub gate: Gate,
 }

@@ -164,6 +164,35 @@ pub fn decode(buf: &mut [u8], max_payload: usize, needed: &mut usize) -> Result<
     }))
 }
 
+/// The header of a client frame whose payload has not fully arrived: what
+/// the engine needs to check a text payload as it trickles in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartialHeader {
+    pub opcode: OpCode,
+    /// Where the payload starts in the buffer.
+    pub payload_start: usize,
+    pub mask: [u8; 4],
+}
+
+/// The header of the frame at the start of `buf`, once all of it (mask
+/// included) is there; `None` before, or when the header is invalid
+/// (`decode` reports that).
+pub fn peek_header(buf: &[u8]) -> Option<PartialHeader> {
+    let (&b0, &b1) = (buf.first()?, buf.get(1)?);
+    let opcode = OpCode::from_bits(b0 & 0x0F)?;
+    let start = match b1 & 0x7F {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    };
+    let mask = buf.get(start..start + 4)?;
+    Some(PartialHeader {
+        opcode,
+        payload_start: start + 4,
+        mask: [mask[0], mask[1], mask[2], mask[3]],
+    })
+}
+
 /// Length of a server frame header for a payload of `len` bytes.
 pub fn header_len(len: usize) -> usize {
     match len {

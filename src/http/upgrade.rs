@@ -1,6 +1,8 @@
 //! The checks a WebSocket upgrade passes before any socket exists, in
 //! Part B/D's order: token (401), path (404), conversation (404),
-//! participant (403), `after` (400); then capacity (503) and the handshake.
+//! participant (403), `after` (400); then capacity (503, or 429 past
+//! `--max-sockets-per-user`) and the handshake. `--max-upgrades-per-ip`
+//! (429) comes before all of them: it guards the checks themselves.
 
 use std::sync::Arc;
 
@@ -13,6 +15,7 @@ use tokio::net::TcpStream;
 use super::{ApiError, Body, Route};
 use crate::auth::{self, AuthError, Identity};
 use crate::ids::{ConversationId, MessageId, NotificationId};
+use crate::limits::{ClientAddr, Refusal};
 use crate::state::Shared;
 use crate::ws::{self, Session, Topic};
 
@@ -28,6 +31,24 @@ pub async fn upgrade(
         shared.metrics.refused.get_or_create(&status).inc();
         e
     };
+    let limited = |limit: &'static str, detail: &'static str| {
+        let limit = crate::metrics::Limit { limit };
+        shared.metrics.limited.get_or_create(&limit).inc();
+        refused(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            detail,
+        ))
+    };
+    if shared.gate.limits_ips() {
+        let ip = req.extensions().get::<ClientAddr>().map(|a| a.0.ip());
+        if ip.is_some_and(|ip| !shared.gate.allow_upgrade_from(ip)) {
+            return Err(limited(
+                "upgrades_per_ip",
+                "too many upgrades from this address; retry later",
+            ));
+        }
+    }
     let (session, offered_bearer) = check(req, route, shared).await.map_err(refused)?;
     if !fastwebsockets::upgrade::is_upgrade_request(req) {
         return Err(ApiError::new(
@@ -54,11 +75,17 @@ pub async fn upgrade(
     // its 101 sees every event accepted after it.
     let sub = match ws::Subscription::join(session, shared).await {
         Ok(sub) => sub,
-        Err(ws::JoinError::Full) => {
+        Err(ws::JoinError::Refused(Refusal::TooManyForUser)) => {
+            return Err(limited(
+                "sockets_per_user",
+                "too many open sockets for this user; close one first",
+            ))
+        }
+        Err(ws::JoinError::Refused(r)) => {
             return Err(refused(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
-                "too many open connections; retry later",
+                r.to_string(),
             )))
         }
         Err(ws::JoinError::Store(e)) => return Err(e.into()),

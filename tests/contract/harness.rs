@@ -913,6 +913,11 @@ impl RawWs {
         let _ = self.stream.write_all(&masked_frame(fin, opcode, payload)).await;
     }
 
+    /// Sends bytes as they are (frames the test built itself).
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        let _ = self.stream.write_all(bytes).await;
+    }
+
     pub async fn send_text(&mut self, text: &str) {
         self.send_frame(true, OP_TEXT, text.as_bytes()).await;
     }

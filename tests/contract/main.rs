@@ -11,6 +11,7 @@ mod harness;
 mod auth;
 mod chat;
 mod chat_errors;
+mod close_codes;
 mod durability;
 mod history;
 mod notifications;

@@ -13,7 +13,9 @@ mod harness;
 mod util;
 
 mod crash_safety;
+mod edge_limits;
 mod hostile_input;
 mod limits;
+mod shutdown;
 mod slow_consumer;
 mod storage_faults;
