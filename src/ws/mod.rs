@@ -157,7 +157,10 @@ pub fn open(stream: TcpStream, early: Vec<u8>, sub: Subscription) {
     use std::os::fd::AsRawFd;
     sub.outbox.attach(stream.as_raw_fd());
     let rate = sub.shared.config.rate_limit;
+    let id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(conn = id, user = %sub.outbox.user, kind = sub.topic.kind(), "socket open");
     let mut conn = Conn {
+        id,
         stream,
         sub,
         sending: SmallVec::new(),
@@ -239,9 +242,15 @@ thread_local! {
 /// Read buffers above this are not kept for the next socket.
 const READ_BUF_KEEP: usize = 1 << 20;
 
+/// Numbers sockets for the logs: every line a socket logs carries its
+/// `conn` (a field, not a span: a span per socket would cost memory).
+static NEXT_CONN_ID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+
 /// An open socket, and the future of its task. Kept small (one task
 /// allocation per socket is the largest cost of an idle socket).
 pub struct Conn {
+    /// For the logs only (wraps after 2^32 sockets).
+    id: u32,
     stream: TcpStream,
     sub: Subscription,
     /// Frames taken from the outbox, being written.
@@ -258,8 +267,9 @@ impl Future for Conn {
         match this.poll_socket(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(r) => {
-                if let Err(e) = r {
-                    tracing::debug!("socket ended: {e}");
+                match r {
+                    Ok(()) => tracing::debug!(conn = this.id, "socket closed"),
+                    Err(e) => tracing::debug!(conn = this.id, "socket ended: {e}"),
                 }
                 Poll::Ready(())
             }
@@ -668,5 +678,17 @@ impl Conn {
         } else {
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// An idle socket's task is this future: its size is most of what an
+    /// idle socket costs parley (README, "Performance").
+    #[test]
+    fn conn_stays_within_128_bytes() {
+        let size = std::mem::size_of::<super::Conn>();
+        eprintln!("size_of::<ws::Conn>() = {size}");
+        assert!(size <= 128, "ws::Conn is {size} bytes");
     }
 }
