@@ -208,10 +208,18 @@ pub async fn handle(mut req: Request<Incoming>, shared: Arc<Shared>) -> Response
         return cors::preflight(origin, allowed(route));
     }
     let result = match route {
+        // RFC 6455: the opening handshake is a GET (as for REST, the method
+        // is checked before the token).
+        Route::Chat(_) | Route::Notifications | Route::UnknownSocket if req.method() != Method::GET => {
+            Ok(method_not_allowed(&[Method::GET]))
+        }
         Route::Chat(_) | Route::Notifications | Route::UnknownSocket => {
             upgrade::upgrade(&mut req, route, &shared).await
         }
         Route::NotFound => Err(ApiError::not_found("no such endpoint")),
+        Route::Healthz | Route::Metrics if !allowed(route).contains(req.method()) => {
+            Ok(method_not_allowed(allowed(route)))
+        }
         Route::Healthz => Ok(rest::healthz(&shared)),
         Route::Metrics if shared.config.metrics => Ok(rest::metrics(&shared)),
         Route::Metrics => Err(ApiError::not_found("no such endpoint")),
