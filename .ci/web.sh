@@ -60,7 +60,7 @@ node_step() { # name dir file...
     rm -f "$log"
 }
 
-node_step "clients/js (node --test)" clients/js test/client.test.js
+node_step "clients/js (node --test)" clients/js test/policy.test.js test/client.test.js
 node_step "console in Chromium" tests/browser console.test.js
 
 # ---- schemathesis against a zero-configuration parley --------------------

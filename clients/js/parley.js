@@ -9,14 +9,12 @@
 // A socket reconnects by itself (exponential backoff with jitter) and
 // resumes with `?after=<newest id seen>`, so the app sees every event once,
 // in order, with no gap. What the server says, and what the client does:
-//   close 1001 / 1012 / 1013 / 1006 (going away, restart, slow consumer,
-//     connection lost)          → reconnect and resume
+//   any close but our own: 1001 / 1012 / 1013 / 1006 (going away,
+//     restart, slow consumer, connection lost) → reconnect and resume
 //   close 1008, or HTTP 401     → ask getToken({ refresh: true }), reconnect
 //   HTTP 403 / 404 on upgrade   → "failed": no point retrying
 //   {"type":"resume.truncated"} → "truncated": more was missed than the
 //     server replays; page the history API back from `after`
-
-const RECONNECT = new Set([1001, 1006, 1011, 1012, 1013, 1014]);
 
 /** An HTTP error answer of the API: `{"error": code, "detail": text}`. */
 export class ParleyError extends Error {
