@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# One sitting: every scenario against parley, uWebSockets.js and Node `ws`,
-# each server started fresh per scenario, one after another on this machine.
+# One sitting: every scenario against parley and, when present, the comparison
+# peers (uWebSockets.js and Node `ws`), each server started fresh per
+# scenario, one after another on this machine.
 #   loadtest/compare.sh [OUT_DIR]       (default: loadtest/results/<date>)
-# Needs: cargo (builds parley and parley-load in release), node + npm (peers).
+#   PEERS=dir   where the peers live (<dir>/uws/run.sh, <dir>/node-ws/run.sh;
+#               default ../shared/peers); a peer that is absent is skipped.
+#   SERVERS="parley uws"  choose servers.
+# Needs: cargo (builds parley and parley-load in release); node + npm for the peers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-loadtest/results/$(date -u +%Y-%m-%d)}"
@@ -32,6 +36,10 @@ start() { # name -> sets PID, URL
 stop() { kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; sleep 1; }
 
 for server in ${SERVERS:-parley uws node-ws}; do
+    if [ "$server" != parley ] && [ ! -x "$PEERS/$server/run.sh" ]; then
+        echo "== $server: skipped (no $PEERS/$server/run.sh; set PEERS to the peers' directory to compare)" >&2
+        continue
+    fi
     for scenario in density fanout chat; do
         start "$server"
         case $scenario in

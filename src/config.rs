@@ -28,6 +28,9 @@ pub struct Cli {
 pub enum Command {
     /// Print a token for a user, signed with the server's secret.
     Token(TokenArgs),
+    /// Print the effective configuration (secrets redacted) and exit 0, or
+    /// the one-line error and exit 2. Creates nothing.
+    CheckConfig(Box<ServeArgs>),
 }
 
 /// Where the HS256 secret comes from; shared by the server and `parley token`.
@@ -125,6 +128,14 @@ pub struct ServeArgs {
     /// Serve `/metrics` (on by default).
     #[arg(long, env = "PARLEY_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
     pub metrics: bool,
+    /// Origins allowed to call the REST API from a browser (CORS), comma
+    /// separated, e.g. `https://app.example,http://localhost:3000`; `*` for
+    /// any. None by default.
+    #[arg(long, env = "PARLEY_CORS_ORIGINS", default_value = "")]
+    pub cors_origins: String,
+    /// Log lines as `pretty` text or one `json` object per line.
+    #[arg(long, env = "PARLEY_LOG_FORMAT", default_value = "pretty", value_parser = ["pretty", "json"])]
+    pub log_format: String,
 }
 
 #[derive(Debug, Args)]
@@ -181,6 +192,14 @@ pub struct Config {
     /// 0: unlimited.
     pub max_upgrades_per_ip: u32,
     pub metrics: bool,
+    /// `--cors-origins`, each without a trailing slash; empty: no CORS.
+    pub cors_origins: Vec<String>,
+    /// The HS256 secret is the one parley keeps in the data dir (no secret
+    /// configured): the zero-configuration case, where the console may mint
+    /// tokens when listening on loopback.
+    pub secret_in_data_dir: bool,
+    /// `pretty` or `json`.
+    pub log_format: String,
 }
 
 /// A configuration the operator must fix; the message names the flag.
@@ -197,6 +216,12 @@ impl Config {
     /// Long because it is one flat list of checks; nothing in it branches
     /// on anything but the flag it checks.
     pub fn from_args(a: ServeArgs) -> Result<Config, ConfigError> {
+        Config::build(a, true)
+    }
+
+    /// As [`Config::from_args`]; `create_secret: false` (for `parley
+    /// check-config`) does not generate a missing secret.
+    pub fn build(a: ServeArgs, create_secret: bool) -> Result<Config, ConfigError> {
         let durability = parse_durability(&a.durability)?;
         if a.max_message_chars == 0 {
             return Err(bad("--max-message-chars must be at least 1"));
@@ -233,7 +258,18 @@ impl Config {
                     "--jwt-public-key needs --jwt-algorithm RS256, ES256 or EdDSA",
                 ));
             }
-            KeySource::Secret(resolve_secret(&a.secret, true)?)
+            let secret = match resolve_secret(&a.secret, create_secret) {
+                // Not generated yet (check-config): the first start will.
+                Err(_)
+                    if !create_secret
+                        && a.secret.jwt_secret_file.is_none()
+                        && !a.secret.data_dir.join("jwt-secret").exists() =>
+                {
+                    Vec::new()
+                }
+                r => r?,
+            };
+            KeySource::Secret(secret)
         } else {
             let path = a.jwt_public_key.as_ref().ok_or_else(|| {
                 bad(format!(
@@ -254,7 +290,14 @@ impl Config {
                     .unwrap_or_default();
                 bad(format!("--jwt-public-key {path}: {e}"))
             })?;
+        let cors_origins = parse_origins(&a.cors_origins)?;
+        let secret_in_data_dir = algorithm == JwtAlgorithm::Hs256
+            && a.secret.jwt_secret.is_none()
+            && a.secret.jwt_secret_file.is_none();
         Ok(Config {
+            cors_origins,
+            secret_in_data_dir,
+            log_format: a.log_format,
             listen: a.listen,
             data_dir: a.secret.data_dir,
             jwt,
@@ -277,6 +320,13 @@ impl Config {
         })
     }
 
+    /// Whether the console may mint tokens: no secret was configured (parley
+    /// uses the one it generated in its data dir) and only this machine can
+    /// reach the server.
+    pub fn console_may_mint(&self) -> bool {
+        self.secret_in_data_dir && self.listen.ip().is_loopback()
+    }
+
     /// A configuration for tests and benches: everything default, data in `dir`.
     pub fn for_tests(dir: &Path, secret: &str) -> Config {
         let cli = Cli::parse_from([
@@ -290,6 +340,25 @@ impl Config {
         ]);
         Config::from_args(cli.serve).expect("test config is valid")
     }
+}
+
+/// `--cors-origins`: `*`, or `scheme://host[:port]` items separated by commas.
+pub fn parse_origins(s: &str) -> Result<Vec<String>, ConfigError> {
+    let mut out = Vec::new();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let item = item.trim_end_matches('/');
+        let ok = item == "*"
+            || item.split_once("://").is_some_and(|(scheme, rest)| {
+                matches!(scheme, "http" | "https") && !rest.is_empty() && !rest.contains(['/', ' ', '?', '#'])
+            });
+        if !ok {
+            return Err(bad(format!(
+                "--cors-origins: '{item}' is not an origin like https://app.example or http://localhost:3000 (or *)"
+            )));
+        }
+        out.push(item.to_string());
+    }
+    Ok(out)
 }
 
 pub fn parse_durability(s: &str) -> Result<Durability, ConfigError> {

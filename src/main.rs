@@ -24,15 +24,20 @@ fn tune_memory() {
 fn main() {
     tune_memory();
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PARLEY_LOG")
-                .unwrap_or_else(|_| "parley=info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter =
+        || tracing_subscriber::EnvFilter::try_from_env("PARLEY_LOG").unwrap_or_else(|_| "parley=info".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter())
+        .with_writer(std::io::stderr);
+    if cli.serve.log_format == "json" {
+        // One JSON object per line, fields (such as a socket's `conn`) as keys.
+        logs.json().with_current_span(false).init();
+    } else {
+        logs.init();
+    }
     let code = match cli.command {
         Some(Command::Token(t)) => token(t),
+        Some(Command::CheckConfig(args)) => check_config(*args),
         None => serve(cli.serve),
     };
     std::process::exit(code);
@@ -59,6 +64,82 @@ fn token(t: config::TokenArgs) -> i32 {
             2
         }
     }
+}
+
+/// `parley check-config`: the configuration the server would run with,
+/// secrets redacted; exit 2 with the one-line error otherwise.
+fn check_config(args: config::ServeArgs) -> i32 {
+    let data_dir_secret = args.secret.data_dir.join("jwt-secret");
+    let secret_source = match (&args.secret.jwt_secret, &args.secret.jwt_secret_file) {
+        (Some(_), _) => "--jwt-secret / PARLEY_JWT_SECRET".to_string(),
+        (None, Some(f)) => format!("file {}", f.display()),
+        (None, None) if data_dir_secret.exists() => format!("file {}", data_dir_secret.display()),
+        (None, None) => format!("generated on first start into {}", data_dir_secret.display()),
+    };
+    let public_key = args.jwt_public_key.clone();
+    let c = match Config::build(args, false) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("parley: {e}");
+            return 2;
+        }
+    };
+    let key = match (&c.jwt.secret, public_key) {
+        (Some(s), _) if s.is_empty() => format!("<redacted> ({secret_source})"),
+        (Some(s), _) => format!("<redacted, {} bytes> ({secret_source})", s.len()),
+        (None, Some(p)) => format!("public key {}", p.display()),
+        (None, None) => "none".into(),
+    };
+    let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "(not checked)".into());
+    let durability = match c.durability {
+        config::Durability::Sync => "sync".to_string(),
+        config::Durability::Fsync => "fsync".to_string(),
+        config::Durability::Interval(d) => format!("interval:{}", d.as_millis()),
+    };
+    let secs = |d: std::time::Duration| humantime::format_duration(d).to_string();
+    let lines: [(&str, String); 23] = [
+        ("listen", c.listen.to_string()),
+        ("data-dir", c.data_dir.display().to_string()),
+        ("jwt-algorithm", format!("{:?}", c.jwt.algorithm)),
+        ("jwt-key", key),
+        ("jwt-audience", opt(&c.jwt.audience)),
+        ("jwt-issuer", opt(&c.jwt.issuer)),
+        ("jwt-require-exp", c.jwt.require_exp.to_string()),
+        ("max-message-chars", c.max_message_chars.to_string()),
+        ("max-frame-bytes", c.max_frame_bytes.to_string()),
+        ("max-connections", c.max_connections.to_string()),
+        ("durability", durability),
+        ("max-outbound-bytes", c.max_outbound_bytes.to_string()),
+        ("max-body-bytes", c.max_body_bytes.to_string()),
+        ("max-replay-events", c.max_replay_events.to_string()),
+        ("min-free-bytes", c.min_free_bytes.to_string()),
+        ("rate-limit", c.rate_limit.to_string()),
+        ("handshake-timeout", secs(c.handshake_timeout)),
+        ("ping-interval", c.ping_interval.map_or("0s (never)".into(), secs)),
+        ("ping-timeout", secs(c.ping_timeout)),
+        ("metrics", c.metrics.to_string()),
+        (
+            "cors-origins",
+            if c.cors_origins.is_empty() {
+                "(none)".into()
+            } else {
+                c.cors_origins.join(",")
+            },
+        ),
+        ("log-format", c.log_format.clone()),
+        (
+            "console-token-minting",
+            if c.console_may_mint() {
+                "on (secret in the data dir, loopback address)".into()
+            } else {
+                "off".into()
+            },
+        ),
+    ];
+    for (k, v) in lines {
+        println!("{k:<22} {v}");
+    }
+    0
 }
 
 fn serve(args: config::ServeArgs) -> i32 {

@@ -34,13 +34,20 @@ pub struct Outbox {
     /// The socket's user: whether they are watching a conversation decides
     /// who gets a notification for a chat message.
     pub user: Arc<str>,
-    limit: usize,
+    /// `--max-outbound-bytes` (a u32 keeps the struct at 144 bytes with `id`).
+    limit: u32,
+    /// Names the socket in the logs (`conn`): a field, not a tracing span,
+    /// since a span per socket would cost memory. Wraps after 2^32 sockets.
+    pub id: u32,
     /// When the peer last sent anything, in [`coarse_now`] tenths; the
     /// reaper pings sockets quiet for too long and closes those that stay so.
     last_heard: AtomicU32,
     /// A ping went out in the current quiet spell.
     pinged: AtomicBool,
 }
+
+/// The next socket's log id.
+static NEXT_ID: AtomicU32 = AtomicU32::new(1);
 
 /// Tenths of a second since the process started: a clock cheap enough to
 /// read on every inbound burst and small enough to keep per socket (it
@@ -94,7 +101,8 @@ impl Outbox {
             state: Mutex::new(Queue::default()),
             waker: AtomicWaker::new(),
             user,
-            limit,
+            limit: u32::try_from(limit).unwrap_or(u32::MAX),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             last_heard: AtomicU32::new(coarse_now()),
             pinged: AtomicBool::new(false),
         })
@@ -151,7 +159,7 @@ impl Outbox {
                 None => {}
             }
         }
-        if !unbounded && q.bytes + bytes.len() > self.limit {
+        if !unbounded && q.bytes + bytes.len() > self.limit as usize {
             // What is queued stays (it may finish a frame already half
             // written) and is bounded by the limit; this frame and all later
             // ones are dropped, and the close follows the queue.
@@ -429,5 +437,15 @@ pub(crate) mod tests {
         o.push(text(b"late"));
         let (frames, _) = take(&o);
         assert!(frames.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod size {
+    /// Every open socket has one: its size is part of what an idle socket
+    /// costs (README, "Performance").
+    #[test]
+    fn an_outbox_stays_at_144_bytes() {
+        assert_eq!(std::mem::size_of::<super::Outbox>(), 144);
     }
 }

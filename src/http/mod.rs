@@ -2,6 +2,9 @@
 //! let a WebSocket upgrade through (or answer it with an HTTP error before
 //! any socket exists). No socket state lives here.
 
+pub mod console;
+mod cors;
+mod openapi;
 mod rest;
 mod upgrade;
 
@@ -128,6 +131,12 @@ pub enum Route {
     MarkRead(Option<u64>),
     Healthz,
     Metrics,
+    /// `/`, `/console/<file>`, `/client/<file>`: the console's files.
+    Console,
+    /// `/api/openapi.json`.
+    OpenApi,
+    /// `/api/console/token`: the console's token minting (404 unless zero-config on loopback).
+    ConsoleToken,
     NotFound,
 }
 
@@ -163,6 +172,10 @@ pub fn route(path: &str) -> Route {
         [Some("api"), Some("notifications"), Some("unread_count"), None, None] => Route::UnreadCount,
         [Some("api"), Some("notifications"), Some("read_all"), None, None] => Route::ReadAll,
         [Some("api"), Some("notifications"), Some(id), Some("read"), None] => Route::MarkRead(parse_id(id)),
+        [None, None, None, None, None] => Route::Console,
+        [Some("console" | "client"), Some(_), None, None, None] => Route::Console,
+        [Some("api"), Some("openapi.json"), None, None, None] => Route::OpenApi,
+        [Some("api"), Some("console"), Some("token"), None, None] => Route::ConsoleToken,
         [Some("healthz"), None, None, None, None] => Route::Healthz,
         [Some("metrics"), None, None, None, None] => Route::Metrics,
         _ => Route::NotFound,
@@ -173,7 +186,7 @@ pub fn route(path: &str) -> Route {
 fn allowed(route: Route) -> &'static [Method] {
     match route {
         Route::Conversations | Route::NotificationList => &[Method::GET, Method::POST],
-        Route::ReadAll | Route::MarkRead(_) => &[Method::POST],
+        Route::ReadAll | Route::MarkRead(_) | Route::ConsoleToken => &[Method::POST],
         _ => &[Method::GET],
     }
 }
@@ -182,36 +195,75 @@ fn allowed(route: Route) -> &'static [Method] {
 /// the socket itself is handed to `ws` once hyper lets go of the connection.
 pub async fn handle(mut req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
     let route = route(req.uri().path());
+    let socket = matches!(
+        route,
+        Route::Chat(_) | Route::Notifications | Route::UnknownSocket
+    );
+    // CORS costs nothing unless `--cors-origins` is set; sockets never take part.
+    let cors = !shared.config.cors_origins.is_empty() && !socket;
+    let origin = cors
+        .then(|| cors::allowed_origin(&shared.config.cors_origins, req.headers()))
+        .flatten();
+    if !socket && route != Route::NotFound && cors::is_preflight(req.method(), req.headers()) {
+        return cors::preflight(origin, allowed(route));
+    }
     let result = match route {
+        // RFC 6455: the opening handshake is a GET (as for REST, the method
+        // is checked before the token).
+        Route::Chat(_) | Route::Notifications | Route::UnknownSocket if req.method() != Method::GET => {
+            Ok(method_not_allowed(&[Method::GET]))
+        }
         Route::Chat(_) | Route::Notifications | Route::UnknownSocket => {
             upgrade::upgrade(&mut req, route, &shared).await
         }
         Route::NotFound => Err(ApiError::not_found("no such endpoint")),
+        Route::Healthz | Route::Metrics if !allowed(route).contains(req.method()) => {
+            Ok(method_not_allowed(allowed(route)))
+        }
         Route::Healthz => Ok(rest::healthz(&shared)),
         Route::Metrics if shared.config.metrics => Ok(rest::metrics(&shared)),
         Route::Metrics => Err(ApiError::not_found("no such endpoint")),
+        Route::ConsoleToken if !console::may_mint(&shared.config) => {
+            Err(ApiError::not_found("no such endpoint"))
+        }
+        Route::Console | Route::OpenApi | Route::ConsoleToken if !allowed(route).contains(req.method()) => {
+            Ok(method_not_allowed(allowed(route)))
+        }
+        Route::Console => console::asset(req.uri().path()),
+        Route::OpenApi => Ok(openapi::document()),
+        Route::ConsoleToken => console::mint(req, &shared).await,
         _ => {
             let methods = allowed(route);
             if !methods.contains(req.method()) {
-                let allow = methods.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
-                let mut r = ApiError::new(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "method_not_allowed",
-                    format!("use {allow}"),
-                )
-                .into_response();
-                if let Ok(v) = HeaderValue::from_str(&allow) {
-                    r.headers_mut().insert(ALLOW, v);
+                Ok(method_not_allowed(methods))
+            } else {
+                match rest_identity(&req, &shared) {
+                    Ok(who) => rest::handle(req, route, who, &shared).await,
+                    Err(e) => Err(e),
                 }
-                return r;
-            }
-            match rest_identity(&req, &shared) {
-                Ok(who) => rest::handle(req, route, who, &shared).await,
-                Err(e) => Err(e),
             }
         }
     };
-    result.unwrap_or_else(ApiError::into_response)
+    let mut response = result.unwrap_or_else(ApiError::into_response);
+    if cors {
+        cors::decorate(&mut response, origin);
+    }
+    response
+}
+
+/// 405 `method_not_allowed` with the `Allow` header.
+fn method_not_allowed(methods: &[Method]) -> Response<Body> {
+    let allow = methods.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
+    let mut r = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("use {allow}"),
+    )
+    .into_response();
+    if let Ok(v) = HeaderValue::from_str(&allow) {
+        r.headers_mut().insert(ALLOW, v);
+    }
+    r
 }
 
 /// REST takes the header or `?token=`, not the subprotocol.
@@ -246,7 +298,12 @@ mod tests {
             ("/api/notifications/9/read/", Route::MarkRead(Some(9))),
             ("/healthz", Route::Healthz),
             ("/metrics/", Route::Metrics),
-            ("/", Route::NotFound),
+            ("/", Route::Console),
+            ("/console/app.js", Route::Console),
+            ("/client/parley.js", Route::Console),
+            ("/api/openapi.json", Route::OpenApi),
+            ("/api/console/token/", Route::ConsoleToken),
+            ("/console", Route::NotFound),
             ("/api/nope", Route::NotFound),
         ];
         for (path, want) in cases {

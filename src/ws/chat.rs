@@ -138,6 +138,8 @@ impl Drop for Subscription {
 /// Runs the upgraded socket as its own small task. The caller's task ends,
 /// so the HTTP phase's state is gone before the socket's long idle life.
 pub fn open(stream: TcpStream, early: Vec<u8>, sub: Subscription) {
+    let o = sub.outbox();
+    tracing::debug!(conn = o.id, user = %o.user, kind = sub.topic().kind(), "socket open");
     engine::spawn(stream, Chat { sub }, early);
 }
 

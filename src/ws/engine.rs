@@ -265,7 +265,10 @@ pub fn spawn<H: Handler>(stream: TcpStream, handler: H, early: Vec<u8>) {
         // the task exists (a pause is picked up by the first poll).
         conn.extra().rbuf = early;
         if let Err(e) = conn.take_input(false) {
-            tracing::debug!("socket ended before its first poll: {e}");
+            tracing::debug!(
+                conn = conn.handler.outbox().id,
+                "socket ended before its first poll: {e}"
+            );
             return;
         }
     }
@@ -280,8 +283,10 @@ impl<H: Handler> Future for Conn<H> {
         match this.poll_socket(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(r) => {
-                if let Err(e) = r {
-                    tracing::debug!("socket ended: {e}");
+                let conn = this.handler.outbox().id;
+                match r {
+                    Ok(()) => tracing::debug!(conn, "socket closed"),
+                    Err(e) => tracing::debug!(conn, "socket ended: {e}"),
                 }
                 Poll::Ready(())
             }
