@@ -875,6 +875,157 @@ pub fn close_answer(payload: &[u8]) -> Result<Closing, Closing> {
 mod tests {
     use super::*;
 
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// Echoes every message; closes after `timeout` when unanswered.
+    struct TestEcho {
+        outbox: Arc<Outbox>,
+        timeout: Duration,
+    }
+
+    impl Handler for TestEcho {
+        type Rare = ();
+        fn outbox(&self) -> &Arc<Outbox> {
+            &self.outbox
+        }
+        fn settings(&self) -> Settings {
+            Settings {
+                max_message_bytes: 1 << 16,
+                close_timeout: self.timeout,
+            }
+        }
+        fn on_message(&mut self, _: &mut Ctx<'_, ()>, opcode: OpCode, payload: &mut [u8]) -> Flow {
+            let mut b = BytesMut::new();
+            wire::put_frame(&mut b, opcode, payload);
+            self.outbox.push(b.freeze());
+            Flow::Continue
+        }
+    }
+
+    /// A client socket connected to an engine running `TestEcho`.
+    async fn engine_pair(timeout: Duration) -> (TcpStream, Arc<Outbox>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let outbox = Outbox::new(Arc::from("t"), 1 << 20);
+        spawn(
+            server,
+            TestEcho {
+                outbox: outbox.clone(),
+                timeout,
+            },
+            vec![],
+        );
+        (client, outbox)
+    }
+
+    fn masked(b0: u8, payload: &[u8]) -> Vec<u8> {
+        assert!(payload.len() < 126);
+        let mask = [9, 8, 7, 6];
+        let mut v = vec![b0, 0x80 | payload.len() as u8];
+        v.extend(mask);
+        v.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        v
+    }
+
+    /// Reads until the server ends the connection: (frames as (opcode,
+    /// payload), how it ended, when).
+    async fn until_end(client: &mut TcpStream) -> (Vec<(u8, Vec<u8>)>, io::Result<()>, std::time::Instant) {
+        let mut bytes = vec![];
+        let mut chunk = [0u8; 4096];
+        let ended = loop {
+            match tokio::time::timeout(Duration::from_secs(5), client.read(&mut chunk)).await {
+                Err(_) => panic!("the server did not end the connection within 5 s"),
+                Ok(Ok(0)) => break Ok(()),
+                Ok(Ok(n)) => bytes.extend_from_slice(&chunk[..n]),
+                Ok(Err(e)) => break Err(e),
+            }
+        };
+        let at = std::time::Instant::now();
+        let mut frames = vec![];
+        let mut rest = &bytes[..];
+        while rest.len() >= 2 {
+            let len = (rest[1] & 0x7F) as usize;
+            assert!(len < 126, "short frames only");
+            frames.push((rest[0] & 0x0F, rest[2..2 + len].to_vec()));
+            rest = &rest[2 + len..];
+        }
+        (frames, ended, at)
+    }
+
+    #[tokio::test]
+    async fn a_close_handshake_from_the_peer_ends_with_the_servers_fin() {
+        let (mut client, _) = engine_pair(Duration::from_secs(10)).await;
+        let mut input = masked(0x81, b"hi");
+        input.extend(masked(0x89, b"p"));
+        input.extend(masked(0x88, &1000u16.to_be_bytes()));
+        input.extend(masked(0x81, b"after the close"));
+        client.write_all(&input).await.unwrap();
+        let start = std::time::Instant::now();
+        let (frames, ended, at) = until_end(&mut client).await;
+        assert_eq!(
+            frames,
+            vec![
+                (0x1, b"hi".to_vec()),
+                (0xA, b"p".to_vec()),
+                (0x8, 1000u16.to_be_bytes().to_vec())
+            ]
+        );
+        assert!(ended.is_ok(), "FIN, not a reset: {ended:?}");
+        assert!(
+            at - start < Duration::from_secs(1),
+            "closed after {:?}",
+            at - start
+        );
+    }
+
+    #[tokio::test]
+    async fn a_protocol_error_is_closed_without_waiting_for_the_peer() {
+        let (mut client, _) = engine_pair(Duration::from_secs(10)).await;
+        client.write_all(&masked(0xC1, b"rsv1")).await.unwrap();
+        let start = std::time::Instant::now();
+        let (frames, _, at) = until_end(&mut client).await;
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].0, 0x8);
+        assert_eq!(frames[0].1[..2], 1002u16.to_be_bytes());
+        assert!(
+            at - start < Duration::from_secs(1),
+            "closed after {:?}",
+            at - start
+        );
+    }
+
+    #[tokio::test]
+    async fn our_close_unanswered_is_reset_after_the_timeout_and_answered_ends_cleanly() {
+        let (mut mute, outbox) = engine_pair(Duration::from_millis(200)).await;
+        outbox.close(crate::wire::GOING_AWAY);
+        let start = std::time::Instant::now();
+        let (frames, ended, at) = until_end(&mut mute).await;
+        assert_eq!(frames[0].1[..2], 1001u16.to_be_bytes());
+        assert_eq!(ended.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+        assert!(
+            at - start >= Duration::from_millis(150),
+            "reset after {:?}",
+            at - start
+        );
+
+        let (mut polite, outbox) = engine_pair(Duration::from_secs(10)).await;
+        outbox.close(crate::wire::GOING_AWAY);
+        let mut head = [0u8; 2];
+        polite.read_exact(&mut head).await.unwrap();
+        let mut rest = vec![0u8; head[1] as usize];
+        polite.read_exact(&mut rest).await.unwrap();
+        polite
+            .write_all(&masked(0x88, &1001u16.to_be_bytes()))
+            .await
+            .unwrap();
+        let start = std::time::Instant::now();
+        let (frames, ended, at) = until_end(&mut polite).await;
+        assert!(frames.is_empty() && ended.is_ok(), "{frames:?} {ended:?}");
+        assert!(at - start < Duration::from_secs(1));
+    }
+
     #[test]
     fn close_answers_follow_rfc_6455() {
         let frame = |code: u16, reason: &[u8]| {

@@ -1,6 +1,8 @@
-//! Failure behaviour of parley: slow consumers, limits, crashes, a full
-//! disk and hostile input. Every test spawns its own `parley` (through the
-//! contract suite's harness) and is skipped against an external server.
+//! Failure behaviour of parley: slow consumers, limits (and the edge
+//! limits: per user, per IP, close timeout), crashes, a full disk, hostile
+//! input, and shutdown with 10,000 open sockets. Every test spawns its own
+//! `parley` (through the contract suite's harness) and is skipped against an
+//! external server.
 //!
 //! `cargo test --test faults` (add `-- --nocapture` to see the measured
 //! numbers: RSS growth, messages lost in `interval` mode; `FAULTS_DEBUG=1`

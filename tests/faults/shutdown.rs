@@ -88,6 +88,9 @@ async fn await_close(mut s: TcpStream) -> Option<u16> {
     code
 }
 
+/// One long test on purpose: its steps (history to replay, 10,000 sockets,
+/// resumes joining, SIGTERM, what each socket saw) share one server and
+/// are only meaningful together.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_10000_open_sockets_and_resumes_in_flight_closes_all_1001_and_exits_0() {
     if !raise_fd_limit(SOCKETS as u64 + 1000) {
