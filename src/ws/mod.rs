@@ -420,7 +420,7 @@ impl Conn {
                     // Nothing may follow our close frame.
                     return Ok(());
                 }
-                let drained = self.sub.outbox.drain();
+                let drained = self.sub.outbox.drain(std::mem::take(&mut self.sending));
                 self.sending = drained.frames;
                 if let Some(c) = drained.closing {
                     self.flags.close_queued = true;
@@ -444,6 +444,10 @@ impl Conn {
             };
             self.consume(n);
             if self.sending.is_empty() && !self.flags.close_queued && self.sub.outbox.release() {
+                if self.sending.spilled() {
+                    // Idle again: the list a burst spilled to goes back.
+                    self.sending = SmallVec::new();
+                }
                 return Ok(());
             }
         }
@@ -460,11 +464,9 @@ impl Conn {
                 break;
             }
         }
+        // A spilled list keeps its capacity: the next drain hands it to the
+        // outbox for the frames that follow (freed when the socket idles).
         self.sending.drain(..whole);
-        if self.sending.is_empty() && self.sending.spilled() {
-            // A burst spilled the queue to the heap: give it back.
-            self.sending = SmallVec::new();
-        }
     }
 
     /// Reads what the socket has into `buf`; at end of stream the

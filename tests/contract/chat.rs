@@ -267,6 +267,7 @@ async fn fields_a_frame_does_not_need_are_ignored() {
     assert_eq!(event["sender"], room.alice.as_str());
 }
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn the_max_message_chars_flag_sets_the_limit() {
     let server = crate::own_server!("--max-message-chars", "10");
@@ -279,6 +280,7 @@ async fn the_max_message_chars_flag_sets_the_limit() {
     .await;
 }
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn rate_limited_frames_are_dropped_and_the_socket_stays_open() {
     // PROTOCOL.md: the limit is per socket and off unless configured. The

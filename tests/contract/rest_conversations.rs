@@ -471,6 +471,7 @@ fn sample(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn metrics_counters_move_when_the_events_happen() {
     let server = crate::own_server!();
@@ -511,6 +512,7 @@ async fn metrics_counters_move_when_the_events_happen() {
     assert!(sample(&after, "parley_store_flush_seconds_count") > 0.0);
 }
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn metrics_can_be_turned_off_by_the_operator() {
     // PROTOCOL.md: `/metrics` is served to anyone "(configurable)".

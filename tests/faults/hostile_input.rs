@@ -58,6 +58,7 @@ impl Pair {
     }
 }
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn garbage_http_gets_400_or_a_close_and_others_are_served() {
     let mut p = pair(own_server!()).await;
@@ -83,6 +84,7 @@ async fn garbage_http_gets_400_or_a_close_and_others_are_served() {
     p.still_chat().await;
 }
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn a_frame_header_claiming_2_pow_63_bytes_is_closed_1009_at_once() {
     let mut p = pair(own_server!()).await;
@@ -102,6 +104,7 @@ async fn a_frame_header_claiming_2_pow_63_bytes_is_closed_1009_at_once() {
     p.still_chat().await;
 }
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn invalid_utf8_in_a_text_frame_is_closed_1007() {
     let mut p = pair(own_server!()).await;
@@ -117,6 +120,7 @@ async fn invalid_utf8_in_a_text_frame_is_closed_1007() {
     assert_eq!(p.server.history(p.conv, &p.alice).await.len(), 2);
 }
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn frames_after_a_close_frame_change_nothing() {
     let mut p = pair(own_server!()).await;
@@ -149,6 +153,7 @@ async fn frames_after_a_close_frame_change_nothing() {
     );
 }
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn a_frame_dribbled_byte_by_byte_is_still_processed() {
     let mut p = pair(own_server!()).await;
@@ -181,6 +186,7 @@ async fn a_frame_dribbled_byte_by_byte_is_still_processed() {
     p.still_chat().await;
 }
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn an_unmasked_client_frame_is_closed_1002() {
     let mut p = pair(own_server!()).await;

@@ -13,6 +13,7 @@ use crate::harness::*;
 use crate::own_server;
 use crate::util::*;
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn max_connections_refuses_the_fourth_upgrade_with_503_until_one_closes() {
     let server = own_server!("--max-connections", "3");
@@ -73,6 +74,7 @@ async fn expect_disconnect(stream: &mut TcpStream, within: Duration, what: &str)
     bytes
 }
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn handshake_timeout_disconnects_silent_and_half_sent_requests() {
     let server = own_server!("--handshake-timeout", "1s");
@@ -113,6 +115,7 @@ async fn handshake_timeout_disconnects_silent_and_half_sent_requests() {
     assert_eq!(server.get("/healthz", &server.token(&alice)).await.0, 200);
 }
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn a_socket_that_never_answers_pings_is_closed_and_one_that_does_stays() {
     let server = own_server!("--ping-interval", "1s", "--ping-timeout", "1s");
@@ -166,6 +169,7 @@ async fn a_socket_that_never_answers_pings_is_closed_and_one_that_does_stays() {
     say(&mut good, "still open").await;
 }
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn a_body_over_max_body_bytes_is_413_too_large() {
     let server = own_server!("--max-body-bytes", "1000");
@@ -198,6 +202,7 @@ async fn a_body_over_max_body_bytes_is_413_too_large() {
     server.create_conversation(&alice, &[]).await;
 }
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn frames_beyond_the_rate_limit_are_refused_and_not_stored() {
     let server = own_server!("--rate-limit", "5");

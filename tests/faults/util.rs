@@ -374,15 +374,23 @@ impl Spawned {
     }
 
     pub async fn ws_chat(&self, conv: u64, who: &str) -> crate::harness::Ws {
+        self.ws_path(&format!("/ws/chat/{conv}/"), who)
+            .await
+            .unwrap_or_else(|e| panic!("upgrade: {e}"))
+    }
+
+    /// A socket on `path` (query included) as `who`; Err(the refusal).
+    pub async fn ws_path(&self, path: &str, who: &str) -> Result<crate::harness::Ws, String> {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-        let mut req = format!("ws://{}/ws/chat/{conv}/", self.addr)
-            .into_client_request()
-            .unwrap();
+        let mut req = format!("ws://{}{path}", self.addr).into_client_request().unwrap();
         req.headers_mut().insert(
             "Authorization",
             format!("Bearer {}", self.token(who)).parse().unwrap(),
         );
-        tokio_tungstenite::connect_async(req).await.expect("upgrade").0
+        match tokio_tungstenite::connect_async(req).await {
+            Ok((ws, _)) => Ok(ws),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     /// The whole history, newest first; Err((status, body)) when a page fails.
