@@ -12,6 +12,7 @@ mod auth;
 mod chat;
 mod chat_errors;
 mod durability;
+mod frames;
 mod history;
 mod notifications;
 mod rest_conversations;
