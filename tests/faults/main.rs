@@ -15,5 +15,6 @@ mod util;
 mod crash_safety;
 mod hostile_input;
 mod limits;
+mod operator;
 mod slow_consumer;
 mod storage_faults;
