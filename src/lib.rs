@@ -25,5 +25,7 @@ pub mod sequencer;
 pub mod server;
 pub mod state;
 pub mod store;
+#[cfg(feature = "test-hooks")]
+pub mod test_hooks;
 pub mod wire;
 pub mod ws;

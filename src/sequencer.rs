@@ -390,6 +390,8 @@ impl Writer {
         let seq = next.event;
         let (message, kind, write_kind) = match op {
             ChatOp::Send(text) => {
+                #[cfg(feature = "test-hooks")]
+                crate::test_hooks::panic_if_asked("sequencer", &text);
                 next.message += 1;
                 let m = Message {
                     id: next.message,

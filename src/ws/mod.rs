@@ -628,6 +628,10 @@ impl Conn {
                 return Ok(());
             }
         };
+        #[cfg(feature = "test-hooks")]
+        if let ChatOp::Send(text) = &op {
+            crate::test_hooks::panic_if_asked("socket", text);
+        }
         let request = Request::Chat {
             conversation: conversation.get(),
             user: self.sub.outbox.user.clone(),

@@ -16,5 +16,6 @@ mod crash_safety;
 mod hostile_input;
 mod limits;
 mod operator;
+mod panics;
 mod slow_consumer;
 mod storage_faults;

@@ -302,3 +302,114 @@ async fn a_second_parley_on_the_same_data_dir_refuses_to_start() {
     say(&mut ws, "still serving").await;
     assert_eq!(server.request("GET", "/healthz", None, None).await.0, 200);
 }
+
+/// README's "another store I/O error" row, caused from outside: with no free
+/// margin (`--min-free-bytes 0`) sled itself meets a full disk, the kind of
+/// I/O error it keeps for good. parley marks the store failed: writes and
+/// reads answer `unavailable`/503 (a refused write is never shown),
+/// `/healthz` is 503, SIGTERM still exits promptly, and a restart recovers
+/// every acknowledged write.
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
+#[cfg_attr(parley_not_root, ignore = "needs root to mount a tmpfs (CI runs as root)")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_io_error_fails_the_store_until_a_restart_which_keeps_every_acknowledged_write() {
+    let fs = Tmpfs::mount("24m");
+    let filler = fs.path().join("filler");
+    std::fs::write(&filler, vec![0u8; 8 << 20]).expect("write filler");
+    let data = fs.path().join("data").to_str().unwrap().to_string();
+    const FLAGS: [&str; 4] = ["--max-message-chars", "60000", "--min-free-bytes", "0"];
+    let mut server = Spawned::start(&data, &FLAGS);
+    let (alice, bob) = (user("alice"), user("bob"));
+    let (status, body) = server
+        .request(
+            "POST",
+            "/api/conversations/",
+            Some(&server.token(&alice)),
+            Some(json!({"participants": [bob]})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let conv = id_of(&body);
+    let mut a = server.ws_chat(conv, &alice).await;
+    let mut b = server.ws_chat(conv, &bob).await;
+
+    let mut acked = vec![];
+    let mut failed = false;
+    for i in 0..2000 {
+        let text = format!("{i:05} {}", "f".repeat(59_000));
+        send_json(&mut a, &json!({"type": "chat_message", "message": text})).await;
+        let answer = recv_json(&mut a).await;
+        if unavailable(&answer) {
+            failed = true;
+            break;
+        }
+        assert_eq!(answer["content"], text);
+        assert_eq!(recv_json(&mut b).await, answer);
+        acked.push(id_of(&answer));
+    }
+    assert!(failed, "the store never failed");
+    eprintln!(
+        "storage_faults: the store failed after {} stored messages",
+        acked.len()
+    );
+
+    // Failed for good, even once space returns: writes, reads, health.
+    std::fs::remove_file(&filler).expect("remove filler");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    send_json(
+        &mut a,
+        &json!({"type": "chat_message", "message": "after the error"}),
+    )
+    .await;
+    assert!(unavailable(&recv_json(&mut a).await), "a write on a failed store");
+    let answer = server
+        .post(
+            "/api/notifications/",
+            &server.service_token(),
+            json!({"user": bob, "message": "x"}),
+        )
+        .await;
+    assert_rest_error(&answer, 503, "unavailable");
+    match server.history(conv, &alice).await {
+        Err((503, body)) => assert_eq!(body["error"], "unavailable", "{body}"),
+        other => panic!("history on a failed store (README: 503 unavailable): {other:?}"),
+    }
+    assert_eq!(healthz(&server).await, 503, "/healthz on a failed store");
+    expect_silence(&mut b, 200).await;
+
+    // SIGTERM exits promptly.
+    let pid = server.child.id();
+    // SAFETY: kill(2) on a child we own and have not reaped.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = server.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no exit within 5 s of SIGTERM on a failed store"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!(
+        "storage_faults: failed store, SIGTERM → {status} in {:?}",
+        start.elapsed()
+    );
+    drop(server);
+
+    // A restart recovers, with every acknowledged write and nothing else.
+    let server = Spawned::start(&data, &FLAGS);
+    let mut history = server
+        .history(conv, &alice)
+        .await
+        .expect("history after a restart");
+    history.reverse();
+    assert_eq!(
+        history.iter().map(id_of).collect::<Vec<_>>(),
+        acked,
+        "history after a restart"
+    );
+    let mut a = server.ws_chat(conv, &alice).await;
+    assert_eq!(say(&mut a, "recovered").await["content"], "recovered");
+}

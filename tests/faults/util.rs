@@ -280,8 +280,14 @@ pub struct Spawned {
 
 impl Spawned {
     pub fn start(data_dir: &str, extra: &[&str]) -> Spawned {
+        Self::start_with_env(data_dir, extra, &[])
+    }
+
+    /// As [`Spawned::start`], with these environment variables set.
+    pub fn start_with_env(data_dir: &str, extra: &[&str], env: &[(&str, &str)]) -> Spawned {
         use std::io::BufRead;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_parley"))
+            .envs(env.iter().copied())
             .args(["--listen", "127.0.0.1:0", "--data-dir", data_dir])
             .args(["--jwt-secret", crate::harness::SECRET])
             .args(extra)
@@ -367,6 +373,18 @@ impl Spawned {
             status,
             serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
         )
+    }
+
+    /// A GET without a token; answers (status, body text).
+    pub async fn request_text(&self, path: &str) -> (u16, String) {
+        let resp = self
+            .http
+            .get(format!("http://{}{path}", self.addr))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        let status = resp.status().as_u16();
+        (status, resp.text().await.expect("body"))
     }
 
     pub async fn post(&self, path: &str, token: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
