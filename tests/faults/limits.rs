@@ -57,9 +57,17 @@ async fn max_connections_refuses_the_fourth_upgrade_with_503_until_one_closes() 
 }
 
 /// Reads until the connection ends; panics if it is still open after `within`.
-async fn expect_disconnect(stream: &mut TcpStream, within: Duration, what: &str) -> Vec<u8> {
+/// Reads until the server disconnects, which must happen between `after`
+/// and `within` from now: a server that drops the connection at once does
+/// not honour the timeout either.
+async fn expect_disconnect(stream: &mut TcpStream, after: Duration, within: Duration, what: &str) -> Vec<u8> {
     let start = Instant::now();
     let (ended, bytes) = read_until_end(stream, within).await;
+    assert!(
+        start.elapsed() >= after,
+        "{what}: disconnected after {:?}, before the timeout ({after:?} at least)",
+        start.elapsed()
+    );
     assert_ne!(
         ended,
         Ended::Open,
@@ -95,9 +103,15 @@ async fn handshake_timeout_disconnects_silent_and_half_sent_requests() {
     .await
     .unwrap();
     let (a, b) = tokio::join!(
-        expect_disconnect(&mut silent, Duration::from_secs(4), "a client that sends nothing"),
+        expect_disconnect(
+            &mut silent,
+            Duration::from_millis(800),
+            Duration::from_secs(4),
+            "a client that sends nothing"
+        ),
         expect_disconnect(
             &mut half,
+            Duration::from_millis(800),
             Duration::from_secs(4),
             "a client that sends half a head"
         ),
@@ -163,6 +177,11 @@ async fn a_socket_that_never_answers_pings_is_closed_and_one_that_does_stays() {
     );
     assert!(pings >= 1, "no ping before the close");
     assert!(elapsed <= Duration::from_secs(5), "closed only after {elapsed:?}");
+    // Not before a quiet interval (1 s) plus the ping timeout (1 s) passed.
+    assert!(
+        elapsed >= Duration::from_millis(1800),
+        "closed after {elapsed:?}, before --ping-interval + --ping-timeout (2 s)"
+    );
 
     let (mut good, good_pings) = keep_reading.await.unwrap();
     assert!(good_pings >= 1, "the answering socket was never pinged");
