@@ -1,6 +1,6 @@
 //! Part B "Durability": what a client saw survives a `kill -9`; ids keep
 //! increasing across restarts; SIGTERM is a clean shutdown. These tests need
-//! a parley of their own and are skipped against an external server.
+//! a parley of their own and are ignored against an external server.
 
 use serde_json::json;
 
