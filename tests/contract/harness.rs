@@ -508,7 +508,7 @@ fn spawn_parley(data_dir: PathBuf, extra: &[String]) -> (Child, String) {
     }
 }
 
-fn dechunk(mut data: &[u8]) -> Vec<u8> {
+pub fn dechunk(mut data: &[u8]) -> Vec<u8> {
     let mut out = vec![];
     while let Some(i) = data.windows(2).position(|w| w == b"\r\n") {
         let size = usize::from_str_radix(
