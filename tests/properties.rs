@@ -150,6 +150,23 @@ proptest! {
     }
 }
 
+/// Fails unless `got` is `want` byte for byte, naming the first difference
+/// (not printing texts of thousands of characters).
+fn same_bytes(got: &str, want: &str, what: &str) {
+    if got.as_bytes() != want.as_bytes() {
+        let at = got
+            .bytes()
+            .zip(want.bytes())
+            .position(|(a, b)| a != b)
+            .unwrap_or(got.len().min(want.len()));
+        panic!(
+            "{what}: {} bytes, the sent text {} bytes; first difference at byte {at}",
+            got.len(),
+            want.len()
+        );
+    }
+}
+
 /// The README's property, end to end: any text a client sends, in one frame
 /// or split into two fragments anywhere (even inside a character), comes
 /// back byte for byte in the broadcast to another participant and in REST
@@ -185,21 +202,13 @@ fn any_text_survives_send_store_history_and_broadcast_byte_for_byte() {
                 }
                 let echo = raw.recv_json().await;
                 let broadcast = recv_json(&mut b).await;
-                assert_eq!(echo, broadcast, "the sender's echo and Bob's broadcast");
+                assert!(echo == broadcast, "the sender's echo and Bob's broadcast differ");
                 let got = broadcast["content"].as_str().expect("content");
-                assert_eq!(
-                    got.as_bytes(),
-                    text.as_bytes(),
-                    "broadcast content, byte for byte"
-                );
+                same_bytes(got, &text, "broadcast content");
                 let history = server.history(conv, &alice).await;
                 assert_eq!(history[0]["id"], broadcast["id"], "the newest in history");
                 let stored = history[0]["content"].as_str().expect("content");
-                assert_eq!(
-                    stored.as_bytes(),
-                    text.as_bytes(),
-                    "history content, byte for byte"
-                );
+                same_bytes(stored, &text, "history content");
             });
             Ok(())
         })
