@@ -309,19 +309,19 @@ static KEY: LazyLock<EncodingKey> = LazyLock::new(|| EncodingKey::from_secret(SE
 /// What `token_extraction` is fed.
 #[derive(Arbitrary, Debug)]
 pub struct TokenInput<'a> {
-    socket: bool,
-    strict: bool,
+    pub socket: bool,
+    pub strict: bool,
     /// `Authorization` values, raw bytes (invalid ones are not headers).
-    authorization: Vec<&'a [u8]>,
+    pub authorization: Vec<&'a [u8]>,
     /// `Sec-WebSocket-Protocol` values, raw bytes.
-    protocol: Vec<&'a [u8]>,
-    query: Option<&'a str>,
-    param: &'a str,
+    pub protocol: Vec<&'a [u8]>,
+    pub query: Option<&'a str>,
+    pub param: &'a str,
     /// Verified as is.
-    token: &'a str,
+    pub token: &'a str,
     /// Base64url-encoded and signed into a token; `None`: a valid HS256 header.
-    jwt_header: Option<&'a [u8]>,
-    jwt_claims: &'a [u8],
+    pub jwt_header: Option<&'a [u8]>,
+    pub jwt_claims: &'a [u8],
 }
 
 fn b64(bytes: &[u8]) -> String {

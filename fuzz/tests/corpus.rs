@@ -85,3 +85,25 @@ fn frame_parser_oracle_covers_the_refusals() {
         parley_fuzz::check_frames(&bytes);
     }
 }
+
+/// The token oracle can fail: a correctly signed, unexpired token whose
+/// subject `valid_username` refuses must not be accepted.
+#[test]
+fn token_oracle_covers_a_bad_subject() {
+    for sub in ["a b", "", "x\u{0}y"] {
+        let claims = format!(r#"{{"sub":{},"exp":9999999999}}"#, serde_json::json!(sub));
+        for strict in [false, true] {
+            parley_fuzz::check_token(&parley_fuzz::TokenInput {
+                socket: false,
+                strict,
+                authorization: vec![],
+                protocol: vec![],
+                query: None,
+                param: "token",
+                token: "",
+                jwt_header: None,
+                jwt_claims: claims.as_bytes(),
+            });
+        }
+    }
+}
