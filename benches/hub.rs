@@ -58,7 +58,7 @@ fn room(n: usize) -> (Arc<Hub>, Vec<Arc<Outbox>>) {
 
 fn drain_all(outboxes: &[Arc<Outbox>]) {
     for o in outboxes {
-        let d = o.drain();
+        let d = o.drain(Default::default());
         black_box(&d.frames);
         o.release();
     }

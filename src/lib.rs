@@ -40,5 +40,7 @@ mod sequencer;
 pub mod server;
 mod state;
 pub mod store;
+#[cfg(feature = "test-hooks")]
+pub mod test_hooks;
 pub mod wire;
 pub mod ws;

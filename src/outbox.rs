@@ -62,9 +62,14 @@ pub fn tenths(d: std::time::Duration) -> u32 {
     (d.as_millis() / 100).clamp(1, u32::MAX as u128) as u32
 }
 
+/// Frames queued for, or being written to, one socket. Usually one shared
+/// batch at a time, kept inline; a busy socket's list spills to the heap,
+/// and then the queue and its writer swap two lists back and forth (see
+/// [`Outbox::drain`]) so a steady stream to a busy socket allocates nothing.
+pub type Frames = SmallVec<[Bytes; 1]>;
+
 struct Queue {
-    /// Usually one shared batch at a time, kept inline.
-    frames: SmallVec<[Bytes; 1]>,
+    frames: Frames,
     bytes: usize,
     closing: Option<Closing>,
     /// The socket task holds frames it is writing: others must queue.
@@ -90,7 +95,7 @@ impl Default for Queue {
 
 /// What a socket task takes from its outbox in one go.
 pub struct Drained {
-    pub frames: SmallVec<[Bytes; 1]>,
+    pub frames: Frames,
     pub closing: Option<Closing>,
 }
 
@@ -200,10 +205,22 @@ impl Outbox {
 
     /// Takes everything queued. The caller becomes the socket's writer
     /// until it calls [`Outbox::release`]: no direct writes meanwhile.
-    pub fn drain(&self) -> Drained {
+    ///
+    /// `spent` is the caller's emptied list from its last drain. When frames
+    /// are taken, it takes their place, so the heap list a busy socket
+    /// spilled to is reused for the next frames instead of freed and
+    /// allocated again per publish (two lists swap while the socket stays
+    /// busy). When nothing is queued it is dropped: an idle socket keeps
+    /// only the inline slot.
+    pub fn drain(&self, spent: Frames) -> Drained {
+        debug_assert!(spent.is_empty(), "the writer hands back an empty list");
         let mut q = self.lock();
         q.bytes = 0;
-        let frames = std::mem::take(&mut q.frames);
+        let frames = if q.frames.is_empty() {
+            Frames::new()
+        } else {
+            std::mem::replace(&mut q.frames, spent)
+        };
         q.busy |= !frames.is_empty() || q.closing.is_some();
         Drained {
             frames,
@@ -212,11 +229,16 @@ impl Outbox {
     }
 
     /// The writer has written everything it took. Returns false if more was
-    /// queued meanwhile (the writer must drain again).
+    /// queued meanwhile (the writer must drain again). On true the socket is
+    /// idle: the queue gives back a heap list it holds, and the writer
+    /// should drop its own spilled one too.
     pub fn release(&self) -> bool {
         let mut q = self.lock();
         if q.frames.is_empty() && q.closing.is_none() {
             q.busy = false;
+            if q.frames.spilled() {
+                q.frames = Frames::new();
+            }
             true
         } else {
             false
@@ -301,7 +323,7 @@ pub(crate) mod tests {
     /// the close it was asked to send; then it releases the outbox, as a
     /// writer that wrote everything does.
     pub(crate) fn take(outbox: &Outbox) -> (Vec<Seen>, Option<Closing>) {
-        let d = outbox.drain();
+        let d = outbox.drain(Frames::new());
         let mut frames = Vec::new();
         for b in &d.frames {
             frames.extend(server_frames(b));
@@ -417,14 +439,14 @@ pub(crate) mod tests {
     fn release_says_when_more_was_queued_meanwhile() {
         let o = outbox(1 << 20);
         o.push(text(b"one"));
-        let d = o.drain();
+        let d = o.drain(Frames::new());
         assert_eq!(d.frames.len(), 1);
         o.push(text(b"two"));
         assert!(!o.release(), "the writer must drain again");
-        let d = o.drain();
+        let d = o.drain(Frames::new());
         assert_eq!(server_frames(&d.frames[0])[0].payload, b"two");
         assert!(o.release(), "nothing was queued meanwhile");
-        let d = o.drain();
+        let d = o.drain(Frames::new());
         assert!(d.frames.is_empty());
         o.close(wire::GOING_AWAY);
         assert!(!o.release(), "a close queued meanwhile is more to write");

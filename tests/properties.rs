@@ -1,5 +1,10 @@
 //! Properties over arbitrary input: message text survives every hop byte for
-//! byte, and the frame decoder round-trips whatever a client masks.
+//! byte (through the real server: framing, fragments, parser, sequencer,
+//! store, broadcast, REST history JSON; and hop by hop in process, down to
+//! the event log), and the frame decoder round-trips whatever a client masks.
+
+#[path = "contract/harness.rs"]
+mod harness;
 
 use parley::ids::{ConversationId, MessageId, Seq};
 use parley::protocol::{self, ChatEvent, Command, MessageView, Micros};
@@ -87,7 +92,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
     #[test]
-    fn any_text_survives_send_store_history_and_broadcast_byte_for_byte(
+    fn any_text_survives_parser_encoder_store_and_event_log_byte_for_byte(
         text in message_text(),
         ascii in any::<bool>(),
     ) {
@@ -146,6 +151,71 @@ proptest! {
         let replayed = content_of(&replay.items[0].payload);
         prop_assert_eq!(replayed.as_bytes(), text.as_bytes());
     }
+}
+
+/// Fails unless `got` is `want` byte for byte, naming the first difference
+/// (not printing texts of thousands of characters).
+fn same_bytes(got: &str, want: &str, what: &str) {
+    if got.as_bytes() != want.as_bytes() {
+        let at = got
+            .bytes()
+            .zip(want.bytes())
+            .position(|(a, b)| a != b)
+            .unwrap_or(got.len().min(want.len()));
+        panic!(
+            "{what}: {} bytes, the sent text {} bytes; first difference at byte {at}",
+            got.len(),
+            want.len()
+        );
+    }
+}
+
+/// The README's property, end to end: any text a client sends, in one frame
+/// or split into two fragments anywhere (even inside a character), comes
+/// back byte for byte in the broadcast to another participant and in REST
+/// history, through the real server (spawned once, as a user starts it).
+#[test]
+fn any_text_survives_send_store_history_and_broadcast_byte_for_byte() {
+    use harness::*;
+    use proptest::test_runner::{Config, TestRunner};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (server, conv, alice, bob) = rt.block_on(async {
+        let server = Server::start();
+        let (alice, bob) = (user("alice"), user("bob"));
+        let conv = server.create_conversation(&alice, &[&bob]).await;
+        (server, conv, alice, bob)
+    });
+    let mut runner = TestRunner::new(Config {
+        cases: 48,
+        ..Config::default()
+    });
+    let strategy = (message_text(), any::<bool>(), any::<Index>());
+    runner
+        .run(&strategy, |(text, ascii, split)| {
+            rt.block_on(async {
+                let mut raw = server.raw_chat(conv, &alice).await;
+                let mut b = server.ws_chat(conv, &bob).await;
+                let frame = client_frame(&text, ascii);
+                let at = split.index(frame.len() + 1);
+                if at == 0 || at == frame.len() {
+                    raw.send_frame(true, OP_TEXT, &frame).await;
+                } else {
+                    raw.send_frame(false, OP_TEXT, &frame[..at]).await;
+                    raw.send_frame(true, OP_CONT, &frame[at..]).await;
+                }
+                let echo = raw.recv_json().await;
+                let broadcast = recv_json(&mut b).await;
+                assert!(echo == broadcast, "the sender's echo and Bob's broadcast differ");
+                let got = broadcast["content"].as_str().expect("content");
+                same_bytes(got, &text, "broadcast content");
+                let history = server.history(conv, &alice).await;
+                assert_eq!(history[0]["id"], broadcast["id"], "the newest in history");
+                let stored = history[0]["content"].as_str().expect("content");
+                same_bytes(stored, &text, "history content");
+            });
+            Ok(())
+        })
+        .unwrap();
 }
 
 /// A payload length: all of 0..=70,000, with the header-size boundaries

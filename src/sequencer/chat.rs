@@ -62,6 +62,8 @@ impl Writer {
         let seq = g.next_seq(conversation)?;
         let (message, kind) = match op {
             ChatOp::Send(text) => {
+                #[cfg(feature = "test-hooks")]
+                crate::test_hooks::panic_if_asked("sequencer", &text);
                 let m = Message {
                     id: g.next_message()?,
                     conversation,

@@ -219,6 +219,10 @@ impl Handler for Chat {
                 return Flow::Continue;
             }
         };
+        #[cfg(feature = "test-hooks")]
+        if let ChatOp::Send(text) = &op {
+            crate::test_hooks::panic_if_asked("socket", text);
+        }
         let request = Request::Chat {
             conversation,
             user: self.sub.outbox().user.clone(),

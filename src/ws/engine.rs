@@ -485,7 +485,7 @@ impl<H: Handler> Conn<H> {
                     // Nothing may follow our close frame.
                     return Ok(());
                 }
-                let drained = self.outbox().drain();
+                let drained = self.handler.outbox().drain(std::mem::take(&mut self.sending));
                 self.sending = drained.frames;
                 if let Some(c) = drained.closing {
                     let end = match self.phase() {
@@ -512,6 +512,10 @@ impl<H: Handler> Conn<H> {
             };
             self.consume(n);
             if self.sending.is_empty() && self.phase() == Phase::Open && self.outbox().release() {
+                if self.sending.spilled() {
+                    // Idle again: the list a burst spilled to goes back.
+                    self.sending = SmallVec::new();
+                }
                 return Ok(());
             }
         }
@@ -528,11 +532,9 @@ impl<H: Handler> Conn<H> {
                 break;
             }
         }
+        // A spilled list keeps its capacity: the next drain hands it to the
+        // outbox for the frames that follow (freed when the socket idles).
         self.sending.drain(..whole);
-        if self.sending.is_empty() && self.sending.spilled() {
-            // A burst spilled the queue to the heap: give it back.
-            self.sending = SmallVec::new();
-        }
     }
 
     /// Step 4: reads what the socket has (when `read`), then decodes and

@@ -646,6 +646,7 @@ async fn public_key_algorithm_accepts_its_tokens_and_refuses_hs256_ones(
     );
 }
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn eddsa_with_a_configured_public_key_accepts_its_tokens_and_refuses_hs256_ones() {
     let key = jsonwebtoken::EncodingKey::from_ed_pem(ED25519_PRIVATE_PEM.as_bytes()).unwrap();
@@ -658,6 +659,7 @@ async fn eddsa_with_a_configured_public_key_accepts_its_tokens_and_refuses_hs256
     .await;
 }
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn es256_with_a_configured_public_key_accepts_its_tokens_and_refuses_hs256_ones() {
     let key = jsonwebtoken::EncodingKey::from_ec_pem(P256_PRIVATE_PEM.as_bytes()).unwrap();
@@ -670,6 +672,7 @@ async fn es256_with_a_configured_public_key_accepts_its_tokens_and_refuses_hs256
     .await;
 }
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn rs256_with_a_configured_public_key_accepts_its_tokens_and_refuses_hs256_ones() {
     let key = jsonwebtoken::EncodingKey::from_rsa_pem(RSA_PRIVATE_PEM.as_bytes()).unwrap();
@@ -682,6 +685,7 @@ async fn rs256_with_a_configured_public_key_accepts_its_tokens_and_refuses_hs256
     .await;
 }
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn a_token_without_exp_is_accepted_when_the_operator_turns_that_off() {
     let server = crate::own_server!(FLAGS_NO_EXP_REQUIRED[0], FLAGS_NO_EXP_REQUIRED[1]);
@@ -702,6 +706,7 @@ async fn a_token_without_exp_is_accepted_when_the_operator_turns_that_off() {
     );
 }
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn aud_and_iss_are_checked_when_configured() {
     let server = crate::own_server!(

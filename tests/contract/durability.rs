@@ -1,12 +1,13 @@
 //! Part B "Durability": what a client saw survives a `kill -9`; ids keep
 //! increasing across restarts; SIGTERM is a clean shutdown. These tests need
-//! a parley of their own and are skipped against an external server.
+//! a parley of their own and are ignored against an external server.
 
 use serde_json::json;
 
 use crate::harness::*;
 use crate::own_server;
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn acknowledged_messages_survive_kill_9() {
     let mut server = own_server!();
@@ -36,6 +37,7 @@ async fn acknowledged_messages_survive_kill_9() {
     assert_eq!(history, acked);
 }
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn acknowledged_edits_and_deletes_survive_kill_9() {
     let mut server = own_server!();
@@ -60,6 +62,7 @@ async fn acknowledged_edits_and_deletes_survive_kill_9() {
     assert_eq!(history[0]["edited"], true);
 }
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn answered_rest_writes_survive_kill_9() {
     let mut server = own_server!();
@@ -94,6 +97,7 @@ async fn answered_rest_writes_survive_kill_9() {
     assert_eq!(list["results"], json!([n2, read]));
 }
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn ids_keep_increasing_across_restarts() {
     let mut server = own_server!();
@@ -120,6 +124,7 @@ async fn ids_keep_increasing_across_restarts() {
     assert!(n1 < n2 && n2 < n3, "notifications {n1} {n2} {n3}");
 }
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn sigterm_closes_open_sockets_with_1001_and_exits_0() {
     let mut server = own_server!();
@@ -145,6 +150,7 @@ async fn sigterm_closes_open_sockets_with_1001_and_exits_0() {
     assert_eq!(server.history(conv, &alice).await[0]["content"], "last words");
 }
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn healthz_is_200_after_a_restart() {
     let mut server = own_server!();
@@ -153,6 +159,7 @@ async fn healthz_is_200_after_a_restart() {
     assert_eq!(status, 200);
 }
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn acknowledged_messages_survive_kill_9_in_fsync_mode() {
     let mut server = own_server!("--durability", "fsync");

@@ -13,6 +13,21 @@ async fn recv_notification(ws: &mut Ws) -> Value {
     frame["message"].clone()
 }
 
+/// Posts a notification to `user` and checks it is the next thing on `ws`:
+/// nothing else (e.g. a chat message's notification) came before it. A
+/// notification is pushed in the order it is stored, so this proves absence
+/// without waiting on silence.
+async fn sentinel(server: &Server, user: &str, ws: &mut Ws) {
+    let text = format!("sentinel {}", rand::random::<u32>());
+    let posted = server.notify(user, &text).await;
+    let got = recv_notification(ws).await;
+    assert_eq!(
+        got["message"], text,
+        "{user}'s next notification is the sentinel, not {got}"
+    );
+    assert_eq!(got["id"], posted["id"]);
+}
+
 async fn list(server: &Server, user: &str, query: &str) -> Value {
     let (status, body) = server
         .get(&format!("/api/notifications/{query}"), &server.token(user))
@@ -76,8 +91,12 @@ async fn a_service_post_reaches_no_other_user() {
     let mut bobs = server.ws_notifications(&bob).await;
     server.notify(&bob, "for bob").await;
     recv_notification(&mut bobs).await;
-    expect_silence(&mut carols, SILENCE_MS).await;
-    assert_eq!(list(&server, &carol, "").await["results"], json!([]));
+    sentinel(&server, &carol, &mut carols).await;
+    assert_eq!(
+        ids(&list(&server, &carol, "").await).len(),
+        1,
+        "Carol: only the sentinel"
+    );
 }
 
 #[tokio::test]
@@ -176,8 +195,12 @@ async fn a_chat_message_does_not_notify_a_participant_watching_the_conversation(
     let mut ws = server.ws_chat(conv, &alice).await;
     say(&mut ws, "you can see this").await;
     recv_json(&mut carols_chat).await;
-    expect_silence(&mut carols_notifications, SILENCE_MS).await;
-    assert_eq!(list(&server, &carol, "").await["results"], json!([]));
+    sentinel(&server, &carol, &mut carols_notifications).await;
+    assert_eq!(
+        ids(&list(&server, &carol, "").await).len(),
+        1,
+        "only the sentinel"
+    );
 }
 
 #[tokio::test]
@@ -190,7 +213,75 @@ async fn a_chat_message_does_not_notify_its_sender() {
     let mut ws = server.ws_chat(conv, &alice).await;
     say(&mut ws, "me").await;
     recv_notification(&mut bobs).await;
-    expect_silence(&mut alices, SILENCE_MS).await;
+    sentinel(&server, &alice, &mut alices).await;
+}
+
+#[tokio::test]
+async fn a_message_in_a_conversation_of_three_notifies_exactly_the_one_not_watching() {
+    let server = Server::start();
+    let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
+    let conv = server.create_conversation(&alice, &[&bob, &carol]).await;
+    // Bob watches (and has a notifications socket too); Carol only has a
+    // notifications socket; Alice sends, with both kinds open.
+    let mut alices = server.ws_notifications(&alice).await;
+    let mut bobs = server.ws_notifications(&bob).await;
+    let mut carols = server.ws_notifications(&carol).await;
+    let mut bobs_chat = server.ws_chat(conv, &bob).await;
+    let mut ws = server.ws_chat(conv, &alice).await;
+    let echo = say(&mut ws, "three of us").await;
+    assert_eq!(
+        recv_json(&mut bobs_chat).await,
+        echo,
+        "Bob watches: he gets the message"
+    );
+    let n = recv_notification(&mut carols).await;
+    assert!(
+        n["message"].as_str().unwrap().contains(&alice),
+        "Carol's notification names the sender: {n}"
+    );
+    sentinel(&server, &bob, &mut bobs).await;
+    sentinel(&server, &alice, &mut alices).await;
+    sentinel(&server, &carol, &mut carols).await;
+    assert_eq!(
+        ids(&list(&server, &bob, "").await).len(),
+        1,
+        "Bob: only the sentinel"
+    );
+    assert_eq!(
+        ids(&list(&server, &alice, "").await).len(),
+        1,
+        "Alice: only the sentinel"
+    );
+    assert_eq!(
+        ids(&list(&server, &carol, "").await).len(),
+        2,
+        "Carol: the message's and the sentinel"
+    );
+}
+
+#[tokio::test]
+async fn edits_and_deletes_notify_nobody() {
+    let server = Server::start();
+    let (alice, carol) = (user("alice"), user("carol"));
+    let conv = server.create_conversation(&alice, &[&carol]).await;
+    let mut carols = server.ws_notifications(&carol).await;
+    let mut ws = server.ws_chat(conv, &alice).await;
+    let id = id_of(&say(&mut ws, "to be edited").await);
+    recv_notification(&mut carols).await;
+    send_json(
+        &mut ws,
+        &json!({"type": "edit_message", "message_id": id, "content": "edited"}),
+    )
+    .await;
+    assert_eq!(recv_json(&mut ws).await["type"], "message.edited");
+    send_json(&mut ws, &json!({"type": "delete_message", "message_id": id})).await;
+    assert_eq!(recv_json(&mut ws).await["type"], "message.deleted");
+    sentinel(&server, &carol, &mut carols).await;
+    assert_eq!(
+        ids(&list(&server, &carol, "").await).len(),
+        2,
+        "Carol: the message's notification and the sentinel, nothing for the edit or the delete"
+    );
 }
 
 #[tokio::test]
@@ -203,6 +294,7 @@ async fn watching_is_decided_at_the_moment_of_the_message() {
     let mut bobs_chat = server.ws_chat(conv, &bob).await;
     say(&mut ws, "seen").await;
     recv_json(&mut bobs_chat).await;
+    sentinel(&server, &bob, &mut bobs).await;
     bobs_chat.close(None).await.unwrap();
     // Wait until the server has seen the close.
     while let Some(Ok(_)) = futures_util::StreamExt::next(&mut bobs_chat).await {}

@@ -292,6 +292,7 @@ async fn exactly_1000_missed_events_are_replayed_without_truncation() {
     assert_eq!(recv_n(&mut resumed, 1000).await, missed);
 }
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn the_max_replay_events_flag_bounds_the_replay_of_mixed_events() {
     let server = own_server!("--max-replay-events", "5");
@@ -449,6 +450,7 @@ async fn notifications_resume_has_no_gap_and_no_duplicate_while_notifications_ar
     }
 }
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn the_max_replay_events_flag_bounds_the_notifications_replay() {
     let server = own_server!("--max-replay-events", "5");
@@ -464,6 +466,7 @@ async fn the_max_replay_events_flag_bounds_the_notifications_replay() {
     assert_eq!(recv_n(&mut ws, 5).await, want);
 }
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn a_restart_between_disconnect_and_reconnect_loses_nothing_of_the_replay() {
     let server = own_server!();

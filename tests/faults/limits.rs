@@ -13,6 +13,7 @@ use crate::harness::*;
 use crate::own_server;
 use crate::util::*;
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn max_connections_refuses_the_fourth_upgrade_with_503_until_one_closes() {
     let server = own_server!("--max-connections", "3");
@@ -56,9 +57,17 @@ async fn max_connections_refuses_the_fourth_upgrade_with_503_until_one_closes() 
 }
 
 /// Reads until the connection ends; panics if it is still open after `within`.
-async fn expect_disconnect(stream: &mut TcpStream, within: Duration, what: &str) -> Vec<u8> {
+/// Reads until the server disconnects, which must happen between `after`
+/// and `within` from now: a server that drops the connection at once does
+/// not honour the timeout either.
+async fn expect_disconnect(stream: &mut TcpStream, after: Duration, within: Duration, what: &str) -> Vec<u8> {
     let start = Instant::now();
     let (ended, bytes) = read_until_end(stream, within).await;
+    assert!(
+        start.elapsed() >= after,
+        "{what}: disconnected after {:?}, before the timeout ({after:?} at least)",
+        start.elapsed()
+    );
     assert_ne!(
         ended,
         Ended::Open,
@@ -73,6 +82,7 @@ async fn expect_disconnect(stream: &mut TcpStream, within: Duration, what: &str)
     bytes
 }
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn handshake_timeout_disconnects_silent_and_half_sent_requests() {
     let server = own_server!("--handshake-timeout", "1s");
@@ -93,9 +103,15 @@ async fn handshake_timeout_disconnects_silent_and_half_sent_requests() {
     .await
     .unwrap();
     let (a, b) = tokio::join!(
-        expect_disconnect(&mut silent, Duration::from_secs(4), "a client that sends nothing"),
+        expect_disconnect(
+            &mut silent,
+            Duration::from_millis(800),
+            Duration::from_secs(4),
+            "a client that sends nothing"
+        ),
         expect_disconnect(
             &mut half,
+            Duration::from_millis(800),
             Duration::from_secs(4),
             "a client that sends half a head"
         ),
@@ -113,6 +129,7 @@ async fn handshake_timeout_disconnects_silent_and_half_sent_requests() {
     assert_eq!(server.get("/healthz", &server.token(&alice)).await.0, 200);
 }
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn a_socket_that_never_answers_pings_is_closed_and_one_that_does_stays() {
     let server = own_server!("--ping-interval", "1s", "--ping-timeout", "1s");
@@ -160,12 +177,18 @@ async fn a_socket_that_never_answers_pings_is_closed_and_one_that_does_stays() {
     );
     assert!(pings >= 1, "no ping before the close");
     assert!(elapsed <= Duration::from_secs(5), "closed only after {elapsed:?}");
+    // Not before a quiet interval (1 s) plus the ping timeout (1 s) passed.
+    assert!(
+        elapsed >= Duration::from_millis(1800),
+        "closed after {elapsed:?}, before --ping-interval + --ping-timeout (2 s)"
+    );
 
     let (mut good, good_pings) = keep_reading.await.unwrap();
     assert!(good_pings >= 1, "the answering socket was never pinged");
     say(&mut good, "still open").await;
 }
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn a_body_over_max_body_bytes_is_413_too_large() {
     let server = own_server!("--max-body-bytes", "1000");
@@ -198,6 +221,7 @@ async fn a_body_over_max_body_bytes_is_413_too_large() {
     server.create_conversation(&alice, &[]).await;
 }
 
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn frames_beyond_the_rate_limit_are_refused_and_not_stored() {
     let server = own_server!("--rate-limit", "5");

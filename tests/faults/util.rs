@@ -280,8 +280,14 @@ pub struct Spawned {
 
 impl Spawned {
     pub fn start(data_dir: &str, extra: &[&str]) -> Spawned {
+        Self::start_with_env(data_dir, extra, &[])
+    }
+
+    /// As [`Spawned::start`], with these environment variables set.
+    pub fn start_with_env(data_dir: &str, extra: &[&str], env: &[(&str, &str)]) -> Spawned {
         use std::io::BufRead;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_parley"))
+            .envs(env.iter().copied())
             .args(["--listen", "127.0.0.1:0", "--data-dir", data_dir])
             .args(["--jwt-secret", crate::harness::SECRET])
             .args(extra)
@@ -369,20 +375,40 @@ impl Spawned {
         )
     }
 
+    /// A GET without a token; answers (status, body text).
+    pub async fn request_text(&self, path: &str) -> (u16, String) {
+        let resp = self
+            .http
+            .get(format!("http://{}{path}", self.addr))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        let status = resp.status().as_u16();
+        (status, resp.text().await.expect("body"))
+    }
+
     pub async fn post(&self, path: &str, token: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
         self.request("POST", path, Some(token), Some(body)).await
     }
 
     pub async fn ws_chat(&self, conv: u64, who: &str) -> crate::harness::Ws {
+        self.ws_path(&format!("/ws/chat/{conv}/"), who)
+            .await
+            .unwrap_or_else(|e| panic!("upgrade: {e}"))
+    }
+
+    /// A socket on `path` (query included) as `who`; Err(the refusal).
+    pub async fn ws_path(&self, path: &str, who: &str) -> Result<crate::harness::Ws, String> {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-        let mut req = format!("ws://{}/ws/chat/{conv}/", self.addr)
-            .into_client_request()
-            .unwrap();
+        let mut req = format!("ws://{}{path}", self.addr).into_client_request().unwrap();
         req.headers_mut().insert(
             "Authorization",
             format!("Bearer {}", self.token(who)).parse().unwrap(),
         );
-        tokio_tungstenite::connect_async(req).await.expect("upgrade").0
+        match tokio_tungstenite::connect_async(req).await {
+            Ok((ws, _)) => Ok(ws),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     /// The whole history, newest first; Err((status, body)) when a page fails.
