@@ -212,15 +212,16 @@ fn bad(msg: impl Into<String>) -> ConfigError {
 }
 
 impl Config {
-    /// Validates every flag, in flag order, so each error names its flag.
-    /// Long because it is one flat list of checks; nothing in it branches
-    /// on anything but the flag it checks.
     pub fn from_args(a: ServeArgs) -> Result<Config, ConfigError> {
         Config::build(a, true)
     }
 
     /// As [`Config::from_args`]; `create_secret: false` (for `parley
     /// check-config`) does not generate a missing secret.
+    ///
+    /// Validates every flag, in flag order, so each error names its flag.
+    /// Long because it is one flat list of checks; nothing in it branches
+    /// on anything but the flag it checks.
     pub fn build(a: ServeArgs, create_secret: bool) -> Result<Config, ConfigError> {
         let durability = parse_durability(&a.durability)?;
         if a.max_message_chars == 0 {

@@ -67,7 +67,8 @@ fn token(t: config::TokenArgs) -> i32 {
 }
 
 /// `parley check-config`: the configuration the server would run with,
-/// secrets redacted; exit 2 with the one-line error otherwise.
+/// secrets redacted; exit 2 with the one-line error otherwise. Long
+/// because it is one flat table of every setting, in flag order.
 fn check_config(args: config::ServeArgs) -> i32 {
     let data_dir_secret = args.secret.data_dir.join("jwt-secret");
     let secret_source = match (&args.secret.jwt_secret, &args.secret.jwt_secret_file) {

@@ -19,37 +19,60 @@ use crate::limits::{ClientAddr, Refusal};
 use crate::state::Shared;
 use crate::ws::{self, Session, Topic};
 
+/// Counts an upgrade refused with `e`'s status.
+fn refused(shared: &Shared, e: ApiError) -> ApiError {
+    let status = crate::metrics::Status {
+        status: e.status.as_u16(),
+    };
+    shared.metrics.refused.get_or_create(&status).inc();
+    e
+}
+
+/// 429 for an edge limit, counted under its name.
+fn limited(shared: &Shared, limit: &'static str, detail: &'static str) -> ApiError {
+    let label = crate::metrics::Limit { limit };
+    shared.metrics.limited.get_or_create(&label).inc();
+    refused(
+        shared,
+        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", detail),
+    )
+}
+
+/// An upgrade, in its phases: edge limits, the contract's checks, the
+/// handshake, the subscription (before the 101), then the socket's hand-over
+/// once hyper lets go of the connection.
 pub async fn upgrade(
     req: &mut Request<Incoming>,
     route: Route,
     shared: &Arc<Shared>,
 ) -> Result<Response<Body>, ApiError> {
-    let refused = |e: ApiError| {
-        let status = crate::metrics::Status {
-            status: e.status.as_u16(),
-        };
-        shared.metrics.refused.get_or_create(&status).inc();
-        e
-    };
-    let limited = |limit: &'static str, detail: &'static str| {
-        let limit = crate::metrics::Limit { limit };
-        shared.metrics.limited.get_or_create(&limit).inc();
-        refused(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            detail,
-        ))
-    };
     if shared.gate.limits_ips() {
         let ip = req.extensions().get::<ClientAddr>().map(|a| a.0.ip());
         if ip.is_some_and(|ip| !shared.gate.allow_upgrade_from(ip)) {
             return Err(limited(
+                shared,
                 "upgrades_per_ip",
                 "too many upgrades from this address; retry later",
             ));
         }
     }
-    let (session, offered_bearer) = check(req, route, shared).await.map_err(refused)?;
+    let (session, offered_bearer) = check(req, route, shared).await.map_err(|e| refused(shared, e))?;
+    let (response, on_upgrade) = handshake(req)?;
+    // Subscribed (and replayed) before the 101 goes out: a client that has
+    // its 101 sees every event accepted after it.
+    let sub = subscribe(session, shared).await?;
+    let (mut parts, _) = response.into_parts();
+    if offered_bearer {
+        parts
+            .headers
+            .insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("bearer"));
+    }
+    tokio::spawn(hand_over(on_upgrade, sub));
+    Ok(Response::from_parts(parts, Body::default()))
+}
+
+/// Checks the WebSocket handshake and builds the 101.
+fn handshake(req: &mut Request<Incoming>) -> Result<(Response<Body>, hyper::upgrade::OnUpgrade), ApiError> {
     if !fastwebsockets::upgrade::is_upgrade_request(req) {
         return Err(ApiError::new(
             StatusCode::UPGRADE_REQUIRED,
@@ -61,59 +84,53 @@ pub async fn upgrade(
     // key and version and builds the 101, and the socket task gets the bare
     // TcpStream back from hyper rather than a boxed, buffered wrapper.
     let on_upgrade = hyper::upgrade::on(&mut *req);
-    let response = match fastwebsockets::upgrade::upgrade(&mut *req) {
-        Ok((response, _unused)) => response,
-        Err(e) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_handshake",
-                e.to_string(),
-            ))
+    match fastwebsockets::upgrade::upgrade(&mut *req) {
+        Ok((response, _unused)) => {
+            let (parts, _) = response.into_parts();
+            Ok((Response::from_parts(parts, Body::default()), on_upgrade))
         }
-    };
-    // Subscribed (and replayed) before the 101 goes out: a client that has
-    // its 101 sees every event accepted after it.
-    let sub = match ws::Subscription::join(session, shared).await {
-        Ok(sub) => sub,
-        Err(ws::JoinError::Refused(Refusal::TooManyForUser)) => {
-            return Err(limited(
-                "sockets_per_user",
-                "too many open sockets for this user; close one first",
-            ))
-        }
-        Err(ws::JoinError::Refused(r)) => {
-            return Err(refused(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                r.to_string(),
-            )))
-        }
-        Err(ws::JoinError::Store(e)) => return Err(e.into()),
-    };
-    let (mut parts, _) = response.into_parts();
-    if offered_bearer {
-        parts
-            .headers
-            .insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("bearer"));
+        Err(e) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_handshake",
+            e.to_string(),
+        )),
     }
-    tokio::spawn(async move {
-        // Until `open`, frames for this socket queue in its outbox; if the
-        // upgrade fails, dropping `sub` leaves the hub again.
-        match on_upgrade.await {
-            Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
-                Ok(p) => {
-                    let early = p.read_buf.to_vec();
-                    // `read_buf` points into hyper's connection buffer: drop
-                    // it now or it keeps that buffer alive for the socket's life.
-                    drop(p.read_buf);
-                    ws::open(p.io.into_inner(), early, sub);
-                }
-                Err(_) => tracing::error!("upgraded connection is not a TcpStream"),
-            },
-            Err(e) => tracing::debug!("upgrade did not complete: {e}"),
-        }
-    });
-    Ok(Response::from_parts(parts, Body::default()))
+}
+
+/// Takes the socket's slot and joins it (replaying first when resuming).
+async fn subscribe(session: Session, shared: &Arc<Shared>) -> Result<ws::Subscription, ApiError> {
+    match ws::Subscription::join(session, shared).await {
+        Ok(sub) => Ok(sub),
+        Err(ws::JoinError::Refused(Refusal::TooManyForUser)) => Err(limited(
+            shared,
+            "sockets_per_user",
+            "too many open sockets for this user; close one first",
+        )),
+        Err(ws::JoinError::Refused(r)) => Err(refused(
+            shared,
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", r.to_string()),
+        )),
+        Err(ws::JoinError::Store(e)) => Err(e.into()),
+    }
+}
+
+/// Waits for hyper to hand over the connection, then runs the socket.
+/// Until `open`, frames for it queue in its outbox; if the upgrade fails,
+/// dropping `sub` leaves the hub again.
+async fn hand_over(on_upgrade: hyper::upgrade::OnUpgrade, sub: ws::Subscription) {
+    match on_upgrade.await {
+        Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(p) => {
+                let early = p.read_buf.to_vec();
+                // `read_buf` points into hyper's connection buffer: drop it
+                // now or it keeps that buffer alive for the socket's life.
+                drop(p.read_buf);
+                ws::open(p.io.into_inner(), early, sub);
+            }
+            Err(_) => tracing::error!("upgraded connection is not a TcpStream"),
+        },
+        Err(e) => tracing::debug!("upgrade did not complete: {e}"),
+    }
 }
 
 /// Part B/D's checks, in order: token (401), path (404), then the topic's

@@ -471,6 +471,8 @@ async fn edits_and_deletes_by_the_sender_are_published() {
     assert!(rig.store.history(c, None, 10).await.unwrap().items.is_empty());
 }
 
+/// One table of Part C's cases for edits and deletes (long: each case
+/// sets up its own message).
 #[tokio::test]
 async fn changing_someone_elses_message_is_answered_to_the_sender_only() {
     let rig = Rig::new(1000);
@@ -633,6 +635,8 @@ async fn notification_requests_are_answered_after_they_are_stored() {
     assert_eq!(rig.store.unread_count("bob").await.unwrap(), 0);
 }
 
+/// Socket and REST writers in one failing group (long: it checks every
+/// kind of writer, then that the next group works).
 #[tokio::test]
 async fn a_failed_commit_shows_nothing_and_tells_every_writer() {
     let rig = Rig::new(1000);
