@@ -349,6 +349,7 @@ fn check_history(history: &[Value], ledger: &Ledger, round: usize) {
 #[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_kill_9_at_random_moments() {
+    let _machine = crate::util::alone().await;
     let mut server = own_server!("--max-replay-events", "1000000");
     let mut max_message_id = 0;
     let mut max_notification_id = 0;
@@ -504,6 +505,7 @@ async fn acknowledged_writes_survive_kill_9_at_random_moments() {
 #[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interval_mode_loses_at_most_the_last_interval_and_ids_still_increase() {
+    let _machine = crate::util::alone().await;
     let mut server = own_server!("--durability", "interval:200");
     let alice = user("alice");
     let conv = server.create_conversation(&alice, &[]).await;

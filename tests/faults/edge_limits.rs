@@ -59,6 +59,7 @@ async fn max_sockets_per_user_keeps_the_oldest_and_answers_the_new_one_429() {
 
 #[tokio::test]
 async fn max_upgrades_per_ip_answers_429_beyond_the_rate_and_recovers() {
+    let _machine = crate::util::alone().await;
     let server = own_server!("--max-upgrades-per-ip", "5");
     let alice = user("alice");
     let conv = server.create_conversation(&alice, &[]).await;
@@ -134,6 +135,7 @@ async fn until_close(s: &mut TcpStream) -> (Option<u16>, Instant) {
 
 #[tokio::test]
 async fn a_peer_that_does_not_answer_our_close_is_reset_after_the_close_timeout() {
+    let _machine = crate::util::alone().await;
     // Sockets quiet for 1 s are pinged and closed (1001) 1 s later: a close
     // that parley starts. One client answers it, the other does not.
     let server = own_server!(

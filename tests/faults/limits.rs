@@ -85,6 +85,7 @@ async fn expect_disconnect(stream: &mut TcpStream, after: Duration, within: Dura
 #[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn handshake_timeout_disconnects_silent_and_half_sent_requests() {
+    let _machine = crate::util::alone().await;
     let server = own_server!("--handshake-timeout", "1s");
     let alice = user("alice");
     let conv = server.create_conversation(&alice, &[]).await;
@@ -132,6 +133,7 @@ async fn handshake_timeout_disconnects_silent_and_half_sent_requests() {
 #[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
 #[tokio::test]
 async fn a_socket_that_never_answers_pings_is_closed_and_one_that_does_stays() {
+    let _machine = crate::util::alone().await;
     let server = own_server!("--ping-interval", "1s", "--ping-timeout", "1s");
     let alice = user("alice");
     let conv = server.create_conversation(&alice, &[]).await;

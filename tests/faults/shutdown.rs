@@ -93,6 +93,7 @@ async fn await_close(mut s: TcpStream) -> Option<u16> {
 /// are only meaningful together.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_10000_open_sockets_and_resumes_in_flight_closes_all_1001_and_exits_0() {
+    let _machine = crate::util::alone().await;
     if !raise_fd_limit(SOCKETS as u64 + 1000) {
         eprintln!(
             "SKIPPED shutdown test: needs {} open files per process (ulimit -n); raise the hard limit",

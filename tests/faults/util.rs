@@ -454,3 +454,15 @@ impl Drop for Spawned {
         let _ = self.child.wait();
     }
 }
+
+/// Tests that load the machine hard (10,000 sockets, kill -9 under load)
+/// and tests that measure time run one at a time: the harness runs a
+/// binary's tests in parallel, and on two cores a heavy neighbour stretches
+/// every timing (a 2 s reset measured at 3.7 s). Each such test holds
+/// [`alone`] for its whole run; the light tests still run beside them.
+static MACHINE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Held for the whole of a test that loads the machine or measures time.
+pub async fn alone() -> tokio::sync::MutexGuard<'static, ()> {
+    MACHINE.lock().await
+}
