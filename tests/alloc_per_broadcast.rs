@@ -21,7 +21,6 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -33,16 +32,17 @@ use parley::wire::{self as frame, OpCode};
 
 struct Counting;
 
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-
 thread_local! {
     static COUNTING: Cell<bool> = const { Cell::new(false) };
+    /// Per thread: the harness runs this file's tests in parallel, and one
+    /// test's allocations must not be counted in another's window.
+    static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
 }
 
 fn note_allocation() {
     // `try_with`: never panic inside the allocator, even during thread exit.
     if COUNTING.try_with(Cell::get).unwrap_or(false) {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
     }
 }
 
@@ -75,11 +75,11 @@ static GLOBAL: Counting = Counting;
 
 /// Heap allocations (alloc, alloc_zeroed, realloc) that `f` makes on this thread.
 fn allocations_during<R>(f: impl FnOnce() -> R) -> (usize, R) {
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let before = ALLOCATIONS.with(Cell::get);
     COUNTING.with(|c| c.set(true));
     let r = std::hint::black_box(f());
     COUNTING.with(|c| c.set(false));
-    (ALLOCATIONS.load(Ordering::Relaxed) - before, r)
+    (ALLOCATIONS.with(Cell::get) - before, r)
 }
 
 const CONVERSATION: ConversationId = ConversationId(1);
