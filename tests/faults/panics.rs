@@ -31,16 +31,7 @@ async fn a_panic_in_one_socket_task_ends_only_that_socket() {
         &[("PARLEY_TEST_PANIC", &format!("socket:{BOOM}"))],
     );
     let (alice, bob) = (user("alice"), user("bob"));
-    let (status, body) = server
-        .request(
-            "POST",
-            "/api/conversations/",
-            Some(&server.token(&alice)),
-            Some(json!({"participants": [bob]})),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    let conv = id_of(&body);
+    let conv = server.conversation(&alice, &[&bob]).await;
     let mut doomed = server.ws_chat(conv, &alice).await;
     let mut a2 = server.ws_chat(conv, &alice).await;
     let mut b = server.ws_chat(conv, &bob).await;
@@ -88,16 +79,7 @@ async fn a_panic_in_the_sequencer_drops_that_request_and_the_writer_goes_on() {
         &[("PARLEY_TEST_PANIC", &format!("sequencer:{BOOM}"))],
     );
     let (alice, bob) = (user("alice"), user("bob"));
-    let (status, body) = server
-        .request(
-            "POST",
-            "/api/conversations/",
-            Some(&server.token(&alice)),
-            Some(json!({"participants": [bob]})),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    let conv = id_of(&body);
+    let conv = server.conversation(&alice, &[&bob]).await;
     let mut a = server.ws_chat(conv, &alice).await;
     let mut b = server.ws_chat(conv, &bob).await;
     let before = say(&mut a, "before").await;

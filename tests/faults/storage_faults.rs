@@ -77,16 +77,7 @@ async fn a_full_disk_refuses_writes_without_broadcasting_and_recovers_when_space
     let server = Spawned::start(&data, &FLAGS);
     let pid = server.child.id();
     let (alice, bob) = (user("alice"), user("bob"));
-    let (status, body) = server
-        .request(
-            "POST",
-            "/api/conversations/",
-            Some(&server.token(&alice)),
-            Some(json!({"participants": [bob]})),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    let conv = id_of(&body);
+    let conv = server.conversation(&alice, &[&bob]).await;
     let mut a = server.ws_chat(conv, &alice).await;
     let mut b = server.ws_chat(conv, &bob).await;
 
@@ -320,16 +311,7 @@ async fn a_store_io_error_fails_the_store_until_a_restart_which_keeps_every_ackn
     const FLAGS: [&str; 4] = ["--max-message-chars", "60000", "--min-free-bytes", "0"];
     let mut server = Spawned::start(&data, &FLAGS);
     let (alice, bob) = (user("alice"), user("bob"));
-    let (status, body) = server
-        .request(
-            "POST",
-            "/api/conversations/",
-            Some(&server.token(&alice)),
-            Some(json!({"participants": [bob]})),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    let conv = id_of(&body);
+    let conv = server.conversation(&alice, &[&bob]).await;
     let mut a = server.ws_chat(conv, &alice).await;
     let mut b = server.ws_chat(conv, &bob).await;
 

@@ -279,6 +279,21 @@ pub struct Spawned {
 }
 
 impl Spawned {
+    /// A conversation `creator` starts with `others` (201 or the test
+    /// fails); answers its id.
+    pub async fn conversation(&self, creator: &str, others: &[&str]) -> u64 {
+        let (status, body) = self
+            .request(
+                "POST",
+                "/api/conversations/",
+                Some(&self.token(creator)),
+                Some(serde_json::json!({ "participants": others })),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        body["id"].as_u64().expect("a conversation id")
+    }
+
     pub fn start(data_dir: &str, extra: &[&str]) -> Spawned {
         Self::start_with_env(data_dir, extra, &[])
     }
