@@ -60,6 +60,25 @@
 //! it is reopened, when the replay decides what is there. Failing to create
 //! the next segment (a full disk) only refuses that append: nothing was
 //! written, so the log stays usable and the next append tries again.
+//!
+//! # Using it
+//! ```text
+//! // start: replay what sled has not applied (`applied`: the `end` of the
+//! // last group sled holds, stored with its data; 0 for a new store)
+//! let mut r = Log::open(Box::new(FsDir::open(&data_dir.join("log"))?), LogConfig::default(), applied)?;
+//! while let Some(g) = r.next_group()? {
+//!     for c in &g.changes { ids.observe(&c.as_change()); /* apply c.as_change() to sled */ }
+//!     applied = g.end;
+//! }
+//! let mut log = r.finish()?;              // the writer, at the tail
+//! // per group: the sequencer encodes, the log thread writes
+//! buf.clear(); buf.push(&change); ...     // GroupBuf, reused
+//! let end = log.append(&mut buf)?;        // one pwrite
+//! log.sync()?;                            // one fdatasync: now publish
+//! // background: sled applied up to `end` (synced groups only), flushed
+//! // and fsync'd, then
+//! log.checkpoint(end)?;
+//! ```
 
 mod io;
 mod record;
@@ -577,7 +596,9 @@ impl Recovery {
         // The last segment: was the bad record ever synced?
         let bad = self.pos;
         let mut dirty_end = bad;
-        let mut q = bad + ALIGN;
+        // From the bad spot itself: a valid commit whose count did not
+        // match is dirty too.
+        let mut q = bad;
         while q + HEADER <= self.buf.len() {
             match record_at(&self.buf, q, base) {
                 Some((rec, next)) => {

@@ -147,7 +147,14 @@ impl SimulatedDisk {
         match s.tear {
             Tear::LastPrefix => {
                 if let Some((ino, off, len)) = s.last_write {
-                    let n = s.rng.random_range(0..=len);
+                    // Nothing, all, or a random part: the ends are the
+                    // cases that matter most, so they are not left to a
+                    // 1-in-len chance.
+                    let n = match s.rng.random_range(0..4) {
+                        0 => 0,
+                        1 => len,
+                        _ => s.rng.random_range(0..=len),
+                    };
                     let data = &s.inodes[&ino].data;
                     let o = off as usize;
                     keep.push((ino, off, data[o..o + n].to_vec()));
