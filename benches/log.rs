@@ -9,6 +9,9 @@
 //!   checkpointed at its tail every iteration, so segments are recycled as
 //!   in steady state (roll-overs are included as they come).
 //! - `encode/N`: the encoding alone (what the sequencer does per group).
+//! - `replay/100000`: opening a log of 100,000 such messages (groups of
+//!   16) and decoding every group, as a start after a crash does when the
+//!   last 100,000 messages were not checkpointed.
 //!
 //! `cargo bench --bench log`
 
@@ -104,12 +107,46 @@ fn encode_only(c: &mut Criterion) {
     g.finish();
 }
 
+fn replay(c: &mut Criterion) {
+    const MESSAGES: u64 = 100_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("log");
+    let mut log = Log::open(Box::new(FsDir::open(&path).expect("dir")), LogConfig::default(), Lsn(0))
+        .and_then(|r| r.finish())
+        .expect("open the log");
+    let mut buf = GroupBuf::with_capacity(1 << 20);
+    for first in (0..MESSAGES).step_by(16) {
+        let batch: Vec<_> = (first..first + 16).map(message).collect();
+        encode(&mut buf, &batch);
+        log.append(&mut buf).expect("append");
+    }
+    log.sync().expect("sync");
+    eprintln!("{MESSAGES} messages: {} bytes of log", log.tail());
+    drop(log);
+    let mut g = c.benchmark_group("replay");
+    g.throughput(Throughput::Elements(MESSAGES));
+    g.sample_size(10);
+    g.bench_function(BenchmarkId::from_parameter(MESSAGES), |b| {
+        b.iter(|| {
+            let fs = FsDir::open(&path).expect("dir");
+            let mut r = Log::open(Box::new(fs), LogConfig::default(), Lsn(0)).expect("open");
+            let mut n = 0;
+            while let Some(group) = r.next_group().expect("replay") {
+                n += group.changes.len();
+            }
+            assert_eq!(n as u64, MESSAGES);
+            r.finish().expect("finish")
+        })
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(3))
         .sample_size(20);
-    targets = append_sync, encode_only
+    targets = append_sync, encode_only, replay
 }
 criterion_main!(benches);
