@@ -111,9 +111,13 @@ fn replay(c: &mut Criterion) {
     const MESSAGES: u64 = 100_000;
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("log");
-    let mut log = Log::open(Box::new(FsDir::open(&path).expect("dir")), LogConfig::default(), Lsn(0))
-        .and_then(|r| r.finish())
-        .expect("open the log");
+    let mut log = Log::open(
+        Box::new(FsDir::open(&path).expect("dir")),
+        LogConfig::default(),
+        Lsn(0),
+    )
+    .and_then(|r| r.finish())
+    .expect("open the log");
     let mut buf = GroupBuf::with_capacity(1 << 20);
     for first in (0..MESSAGES).step_by(16) {
         let batch: Vec<_> = (first..first + 16).map(message).collect();
