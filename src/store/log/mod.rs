@@ -388,7 +388,12 @@ impl Log {
                 r.map_err(|e| LogError::io("reuse", &spare, e))?;
                 self.dir.open(&name)
             }
-            None => self.dir.create(&name),
+            // A file of that name is what a refused roll-over at this same
+            // position could not remove: nothing was appended since.
+            None => self.dir.create(&name).or_else(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => self.dir.open(&name),
+                _ => Err(e),
+            }),
         };
         let ready = file.and_then(|f| {
             let len = f.size()?;
