@@ -19,6 +19,7 @@
 
 #[cfg(test)]
 mod conformance;
+pub mod log;
 mod memory;
 mod sled_store;
 
