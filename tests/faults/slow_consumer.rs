@@ -37,11 +37,15 @@ const LIGHT_PACE: Duration = Duration::from_millis(10);
 /// What the server's RSS may grow by over the run (the store's cache holds
 /// the ~8 MiB written, twice: messages and event log).
 const RSS_BUDGET_KIB: u64 = 96 * 1024;
-/// README: the reset comes 2 s after the close is decided. The decision is
-/// seen through `/metrics` (polled every 10 ms), the reset through the
-/// client's socket state (polled every 10 ms).
+/// README: the reset comes 2 s (`--close-timeout`) after the close is
+/// decided. The decision is seen through `/metrics`, the reset through the
+/// client's socket state, both polled every 5 ms from a thread of their own.
+/// Never earlier than the timeout (less what polling can hide); later by at
+/// most the late slack: on a quiet machine it is 2.05–2.15 s, and a server
+/// starved of CPU by other processes fires its timer late, never early.
 const RESET_AFTER: Duration = Duration::from_secs(2);
-const RESET_SLACK: Duration = Duration::from_millis(700);
+const RESET_EARLY_SLACK: Duration = Duration::from_millis(300);
+const RESET_LATE_SLACK: Duration = Duration::from_millis(1500);
 /// No light message may take longer than this from send to receipt, while
 /// the slow socket is stuck or at any other time. A publisher that waited
 /// on the stuck socket would hold every conversation for seconds.
@@ -344,8 +348,8 @@ async fn slow_consumer_is_reset_2s_after_its_1013_and_nobody_else_is_delayed() {
     );
     let after = ended_at.saturating_sub(cut);
     assert!(
-        after + RESET_SLACK >= RESET_AFTER && after <= RESET_AFTER + RESET_SLACK,
-        "the reset came {after:?} after the cut-off; README: 2 s (± {RESET_SLACK:?} of measuring)"
+        after + RESET_EARLY_SLACK >= RESET_AFTER && after <= RESET_AFTER + RESET_LATE_SLACK,
+        "the reset came {after:?} after the cut-off; README: 2 s (-{RESET_EARLY_SLACK:?}, +{RESET_LATE_SLACK:?})"
     );
     let (ended, bytes) = read_until_end(&mut slow_sock, Duration::from_secs(5)).await;
     assert_eq!(
