@@ -294,7 +294,7 @@ struct Verifiers {
 
 static VERIFIERS: LazyLock<Verifiers> = LazyLock::new(|| {
     let jwt = Config::for_tests(Path::new("/nonexistent/parley-fuzz"), SECRET).jwt;
-    assert_eq!(jwt.algorithm, Algorithm::HS256);
+    assert_eq!(jwt.algorithm, parley::auth::JwtAlgorithm::Hs256);
     let mut strict = jwt.clone();
     strict.audience = Some("parley".into());
     strict.issuer = Some("https://issuer.example".into());
