@@ -18,39 +18,16 @@
 use std::hint::black_box;
 use std::time::Duration;
 
+mod common;
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use parley::ids::{ConversationId, MessageId, Seq};
-use parley::protocol::{self, ChatEvent, MessageView, Micros};
 use parley::store::log::{FsDir, GroupBuf, Log, LogConfig, Lsn};
 use parley::store::{Change, EventKind, Message};
 
-const SENDERS: [&str; 4] = ["alice", "bob", "carol", "dave"];
-const TEXT: &str = "hi everyone, the release notes are in the doc";
-
 /// Message `i` and its event JSON, as the sequencer builds them.
 fn message(i: u64) -> (Message, Vec<u8>) {
-    let m = Message {
-        id: MessageId(i),
-        conversation: ConversationId(1 + i % 1000),
-        sender: SENDERS[(i % 4) as usize].to_string(),
-        content: TEXT.to_string(),
-        timestamp: Micros(1_767_225_600_000_000 + i),
-        edited: false,
-        deleted: false,
-        seq: Seq(i),
-    };
-    let mut json = Vec::with_capacity(256);
-    protocol::encode_chat_event(
-        &mut json,
-        &ChatEvent::Created(MessageView {
-            id: m.id.0,
-            sender: &m.sender,
-            content: &m.content,
-            timestamp: m.timestamp,
-            edited: None,
-        }),
-    );
-    (m, json)
+    common::chat_message(MessageId(i), ConversationId(1 + i % 1000), Seq(i))
 }
 
 fn encode(buf: &mut GroupBuf, batch: &[(Message, Vec<u8>)]) {

@@ -17,42 +17,19 @@
 use std::hint::black_box;
 use std::time::Duration;
 
+mod common;
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use parley::ids::{ConversationId, MessageId, Seq};
-use parley::protocol::{self, ChatEvent, MessageView, Micros};
 use parley::store::{Change, EventKind, Group, Message, SledStore, Store};
 use pollster::block_on;
-
-const SENDERS: [&str; 4] = ["alice", "bob", "carol", "dave"];
-const TEXT: &str = "hi everyone, the release notes are in the doc";
 
 /// A new message of `conversation` with its event JSON, as the sequencer
 /// builds them (ids from the backend's group).
 fn next_message(g: &mut dyn Group, conversation: ConversationId) -> (Message, Vec<u8>) {
     let id: MessageId = g.next_message().expect("id");
     let seq: Seq = g.next_seq(conversation).expect("seq");
-    let m = Message {
-        id,
-        conversation,
-        sender: SENDERS[(id.0 % 4) as usize].to_string(),
-        content: TEXT.to_string(),
-        timestamp: Micros(1_767_225_600_000_000 + id.0),
-        edited: false,
-        deleted: false,
-        seq,
-    };
-    let mut json = Vec::with_capacity(256);
-    protocol::encode_chat_event(
-        &mut json,
-        &ChatEvent::Created(MessageView {
-            id: m.id.0,
-            sender: &m.sender,
-            content: &m.content,
-            timestamp: m.timestamp,
-            edited: None,
-        }),
-    );
-    (m, json)
+    common::chat_message(id, conversation, seq)
 }
 
 fn apply(g: &mut dyn Group, m: &Message, json: &[u8]) {

@@ -4,17 +4,19 @@
 //! connection id per socket line, and `parley check-config`.
 //!
 //! These tests spawn their own `parley` with their own flags (no
-//! `--jwt-secret` where minting is tested), so they do not use the contract
-//! harness.
+//! `--jwt-secret` where minting is tested), so they use only the contract
+//! harness's start-up wait.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
+
+#[path = "contract/harness.rs"]
+mod harness;
 
 const BIN: &str = env!("CARGO_BIN_EXE_parley");
 
@@ -43,22 +45,7 @@ impl Parley {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("spawn parley");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(addr) = line.strip_prefix("listening on http://") {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(addr.to_string());
-                    }
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(15))
-            .expect("parley printed `listening on http://ADDR`");
+        let addr = harness::announced_addr(&mut child).expect("parley printed `listening on http://ADDR`");
         let port = addr.rsplit(':').next().expect("port");
         Parley {
             child,

@@ -62,7 +62,7 @@ impl Inner {
         limit: usize,
     ) -> Page<Message> {
         let end = before.unwrap_or(MessageId(u64::MAX));
-        let mut items: Vec<Message> = self
+        let items: Vec<Message> = self
             .messages
             .range((conversation, MessageId(0))..(conversation, end))
             .rev()
@@ -71,13 +71,7 @@ impl Inner {
             .take(limit + 1)
             .cloned()
             .collect();
-        let next = if items.len() > limit {
-            items.truncate(limit);
-            items.last().map(|m| m.id.0)
-        } else {
-            None
-        };
-        Page { items, next }
+        Page::cut(items, limit, |m| m.id.0)
     }
 
     fn events_after(&self, conversation: ConversationId, after: Seq, max: usize) -> Replay<LoggedEvent> {
@@ -114,19 +108,13 @@ impl Inner {
     ) -> Page<Notification> {
         let set = if unread_only { &self.unread } else { &self.by_user };
         let end = before.unwrap_or(NotificationId(u64::MAX));
-        let mut items: Vec<Notification> = set
+        let items: Vec<Notification> = set
             .range((user.to_string(), NotificationId(0))..(user.to_string(), end))
             .rev()
             .take(limit + 1)
             .map(|(_, id)| self.notifications[id].clone())
             .collect();
-        let next = if items.len() > limit {
-            items.truncate(limit);
-            items.last().map(|n| n.id.0)
-        } else {
-            None
-        };
-        Page { items, next }
+        Page::cut(items, limit, |n| n.id.0)
     }
 
     fn notifications_after(&self, user: &str, after: NotificationId, max: usize) -> Replay<Notification> {

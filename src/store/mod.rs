@@ -165,6 +165,21 @@ pub struct Page<T> {
     pub next: Option<u64>,
 }
 
+impl<T> Page<T> {
+    /// Cuts a newest-first scan of up to `limit + 1` items into a page: the
+    /// extra item only says that something older remains. Every backend
+    /// reads one more than the limit and ends with this.
+    pub(crate) fn cut(mut items: Vec<T>, limit: usize, id: impl Fn(&T) -> u64) -> Page<T> {
+        let next = if items.len() > limit {
+            items.truncate(limit);
+            items.last().map(&id)
+        } else {
+            None
+        };
+        Page { items, next }
+    }
+}
+
 /// A bounded replay: the events after a point, and, when more were missed
 /// than the bound allows, the message id the replay follows instead.
 #[derive(Debug, Clone)]

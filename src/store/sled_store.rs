@@ -313,7 +313,7 @@ impl SledStore {
                 break;
             }
         }
-        Ok(page(items, limit, |m| m.id.0))
+        Ok(Page::cut(items, limit, |m| m.id.0))
     }
 
     fn get_events_after(
@@ -392,7 +392,7 @@ impl SledStore {
             };
             items.push(n);
         }
-        Ok(page(items, limit, |n| n.id.0))
+        Ok(Page::cut(items, limit, |n| n.id.0))
     }
 
     fn get_unread(&self, user: &str) -> Result<Vec<NotificationId>> {
@@ -745,17 +745,6 @@ fn put_notifications(batch: &mut sled::Batch, ns: &[Notification]) {
             batch.insert(unread, &[][..]);
         }
     }
-}
-
-/// Cuts a newest-first scan of up to `limit + 1` items into a page.
-fn page<T>(mut items: Vec<T>, limit: usize, id: impl Fn(&T) -> u64) -> Page<T> {
-    let next = if items.len() > limit {
-        items.truncate(limit);
-        items.last().map(&id)
-    } else {
-        None
-    };
-    Page { items, next }
 }
 
 #[cfg(test)]

@@ -459,6 +459,26 @@ impl Drop for Server {
     }
 }
 
+/// The address a spawned parley announces on stdout (`listening on
+/// http://ADDR`), or `None` if it does not within 15 s. Keeps draining its
+/// stdout afterwards so the server never blocks on a full pipe.
+pub fn announced_addr(child: &mut Child) -> Option<String> {
+    let stdout = child.stdout.take().expect("parley's stdout is piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(addr) = line.strip_prefix("listening on http://") {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(addr.to_string());
+                }
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(15)).ok()
+}
+
 fn spawn_parley(data_dir: PathBuf, extra: &[String]) -> (Child, String) {
     // PARLEY_TEST_BIN runs another binary with parley's CLI (to try the harness).
     let bin = std::env::var_os("PARLEY_TEST_BIN")
@@ -480,24 +500,9 @@ fn spawn_parley(data_dir: PathBuf, extra: &[String]) -> (Child, String) {
             Stdio::null()
         });
     let mut child = cmd.spawn().expect("spawn parley");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    // Reads until the announcement, then keeps draining so the server never
-    // blocks on a full pipe.
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if let Some(addr) = line.strip_prefix("listening on http://") {
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(addr.to_string());
-                }
-            }
-        }
-    });
-    match rx.recv_timeout(Duration::from_secs(15)) {
-        Ok(addr) => (child, addr),
-        Err(_) => {
+    match announced_addr(&mut child) {
+        Some(addr) => (child, addr),
+        None => {
             let _ = child.kill();
             let status = child.wait();
             panic!(

@@ -3,11 +3,9 @@
 //! across restarts; and no token (nor the secret) ever reaches the logs,
 //! even at `PARLEY_LOG=trace`.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use serde_json::json;
 
@@ -26,22 +24,9 @@ fn start(data_dir: &Path, log_level: &str, log: &Path) -> (Child, String) {
         .stderr(std::fs::File::create(log).expect("log file"))
         .spawn()
         .expect("spawn parley");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if let Some(addr) = line.strip_prefix("listening on http://") {
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(addr.to_string());
-                }
-            }
-        }
-    });
-    match rx.recv_timeout(Duration::from_secs(15)) {
-        Ok(addr) => (child, addr),
-        Err(_) => {
+    match announced_addr(&mut child) {
+        Some(addr) => (child, addr),
+        None => {
             let _ = child.kill();
             panic!("parley did not start: {:?}", std::fs::read_to_string(log));
         }

@@ -300,7 +300,6 @@ impl Spawned {
 
     /// As [`Spawned::start`], with these environment variables set.
     pub fn start_with_env(data_dir: &str, extra: &[&str], env: &[(&str, &str)]) -> Spawned {
-        use std::io::BufRead;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_parley"))
             .envs(env.iter().copied())
             .args(["--listen", "127.0.0.1:0", "--data-dir", data_dir])
@@ -315,22 +314,9 @@ impl Spawned {
             })
             .spawn()
             .expect("spawn parley");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(addr) = line.strip_prefix("listening on http://") {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(addr.to_string());
-                    }
-                }
-            }
-        });
-        let addr = match rx.recv_timeout(Duration::from_secs(15)) {
-            Ok(addr) => addr,
-            Err(_) => {
+        let addr = match crate::harness::announced_addr(&mut child) {
+            Some(addr) => addr,
+            None => {
                 let _ = child.kill();
                 panic!("parley on {data_dir} did not start: {:?}", child.wait());
             }
