@@ -310,18 +310,7 @@ impl Server {
                 String::from_utf8_lossy(&buf)
             )
         });
-        let head = String::from_utf8_lossy(&buf[..end]).to_string();
-        let status: u16 = head
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .expect("status");
-        let body = &buf[end + 4..];
-        let body = if head.to_lowercase().contains("transfer-encoding: chunked") {
-            dechunk(body)
-        } else {
-            body.to_vec()
-        };
+        let (status, body) = split_response(&buf, end);
         (status, parse_body("POST", path, status, &body))
     }
 
@@ -511,6 +500,24 @@ fn spawn_parley(data_dir: PathBuf, extra: &[String]) -> (Child, String) {
             );
         }
     }
+}
+
+/// A raw HTTP/1.1 answer whose head ends at `end` (the `\r\n\r\n`):
+/// its status and its body, de-chunked when it was sent chunked.
+pub fn split_response(buf: &[u8], end: usize) -> (u16, Vec<u8>) {
+    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+    let status: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    let body = &buf[end + 4..];
+    let body = if head.contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_vec()
+    };
+    (status, body)
 }
 
 pub fn dechunk(mut data: &[u8]) -> Vec<u8> {

@@ -435,18 +435,7 @@ async fn answer_to_a_body_never_finished(server: &Server, head: String, sent: Ve
     let end = tokio::time::timeout(RECV_TIMEOUT, read)
         .await
         .expect("no answer while the body was unfinished: the server waits for all of it");
-    let head = String::from_utf8_lossy(&buf[..end]).to_string();
-    let status: u16 = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status");
-    let body = &buf[end + 4..];
-    let body = if head.to_lowercase().contains("transfer-encoding: chunked") {
-        dechunk(body)
-    } else {
-        body.to_vec()
-    };
+    let (status, body) = split_response(&buf, end);
     (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
 }
 
