@@ -34,11 +34,10 @@ impl Writer {
         &mut self,
         g: &mut dyn Group,
         conversation: ConversationId,
-        user: &Arc<str>,
         op: ChatOp,
         outbox: Arc<Outbox>,
     ) {
-        match self.chat_op(g, conversation, user, op) {
+        match self.chat_op(g, conversation, &outbox.user, op) {
             Ok(()) => self.out.accepted(outbox),
             Err(ChatError::Rejected(r)) => self.out.reject(outbox, r),
             Err(ChatError::Store(e)) => {

@@ -76,9 +76,9 @@ pub type Reply<T> = oneshot::Sender<Result<T, WriteError>>;
 pub enum Request {
     Chat {
         conversation: ConversationId,
-        user: Arc<str>,
         op: ChatOp,
-        /// Where `not_found` / `forbidden` go: the sender's socket only.
+        /// The sender's socket: its user is the sender, and `not_found` /
+        /// `forbidden` go to it only.
         outbox: Arc<Outbox>,
     },
     CreateConversation {
@@ -253,10 +253,9 @@ impl Writer {
         match r {
             Request::Chat {
                 conversation,
-                user,
                 op,
                 outbox,
-            } => self.chat(g, conversation, &user, op, outbox),
+            } => self.chat(g, conversation, op, outbox),
             Request::CreateConversation {
                 creator,
                 title,

@@ -303,7 +303,6 @@ impl Rig {
     fn chat(&self, c: ConversationId, from: &Socket, op: ChatOp) -> Request {
         Request::Chat {
             conversation: c,
-            user: from.outbox.user.clone(),
             op,
             outbox: from.outbox.clone(),
         }
@@ -773,7 +772,6 @@ async fn a_resume_replays_then_goes_live_with_no_gap_and_no_duplicate() {
         for i in 0..300 {
             seq.submit(Request::Chat {
                 conversation: c,
-                user: writer.user.clone(),
                 op: send(&format!("during {i}")),
                 outbox: writer.clone(),
             })

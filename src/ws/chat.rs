@@ -225,7 +225,6 @@ impl Handler for Chat {
         }
         let request = Request::Chat {
             conversation,
-            user: self.sub.outbox().user.clone(),
             op,
             outbox: self.sub.outbox().clone(),
         };
