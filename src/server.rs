@@ -23,7 +23,7 @@ use crate::limits::{ClientAddr, Gate};
 use crate::metrics::Metrics;
 use crate::sequencer::{Sequencer, Wiring};
 use crate::state::Shared;
-use crate::store::{SledStore, Store, StoreError};
+use crate::store::{SledStore, Store, StoreError, WalOptions, WalStore};
 use crate::wire::Closing;
 use crate::wire::{close, GOING_AWAY};
 
@@ -60,18 +60,35 @@ pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(4096)
 }
 
-/// Opens the store at `config.data_dir`.
+/// Opens the store at `config.data_dir`: the commit log with sled as its
+/// applied state, or sled alone in `interval` mode. A data dir last written
+/// in the default mode has its log replayed into sled first, whichever mode
+/// opens it now.
 pub fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| StoreError::open(format!("cannot create {}", config.data_dir.display()), e))?;
-    let flush_every = match config.durability {
-        Durability::Sync | Durability::Fsync => None,
-        Durability::Interval(d) => Some(d.as_millis().max(1) as u64),
+    let wal = || {
+        WalStore::open(
+            &config.data_dir,
+            WalOptions {
+                segment_bytes: config.wal_segment_bytes,
+                min_free: config.min_free_bytes,
+                ..WalOptions::default()
+            },
+        )
     };
-    let store = SledStore::open_with_reserve(&config.data_dir, flush_every, config.min_free_bytes)?;
-    Ok(Arc::new(
-        store.with_fdatasync(config.durability == Durability::Fsync),
-    ))
+    match config.durability {
+        Durability::Sync | Durability::Fsync => Ok(Arc::new(wal()?)),
+        Durability::Interval(d) => {
+            if config.data_dir.join("log").exists() {
+                // Replayed, applied and checkpointed as it drops.
+                drop(wal()?);
+            }
+            let every = Some(d.as_millis().max(1) as u64);
+            let store = SledStore::open_with_reserve(&config.data_dir, every, config.min_free_bytes)?;
+            Ok(Arc::new(store))
+        }
+    }
 }
 
 /// Serves until `shutdown` is cancelled, then closes every socket with 1001,

@@ -344,4 +344,6 @@ fn fail<T>(reply: Reply<T>, e: &StoreError) {
 }
 
 #[cfg(test)]
+mod power_cut;
+#[cfg(test)]
 mod tests;

@@ -22,9 +22,11 @@ mod conformance;
 pub mod log;
 mod memory;
 mod sled_store;
+mod wal_store;
 
 pub use memory::MemoryStore;
 pub use sled_store::SledStore;
+pub use wal_store::{WalOptions, WalStore};
 
 use std::sync::Arc;
 

@@ -1,0 +1,559 @@
+//! The default backend: parley's commit log ([`super::log`]) is the commit
+//! point, and a sled tree (the schema of [`super::SledStore`]) is the
+//! applied state that reads come from.
+//!
+//! # A group's way
+//! 1. The sequencer applies each change to a [`WalGroup`]: encoded once into
+//!    the group's log records ([`GroupBuf`]) and once into the group's own
+//!    layer of sled keys, so that later reads of the group see it.
+//! 2. `commit`: one `pwrite` and one `fdatasync` of the log. Only then does
+//!    the group's layer join the overlay that every reader sees, and only
+//!    then does the sequencer publish and answer. A commit that fails shows
+//!    nothing: its layer is dropped.
+//! 3. The applier thread writes the overlay's layers into sled in one batch
+//!    every few milliseconds (not per message: sled's cost is per key and
+//!    per batch), recording in the same batch the log position the tree now
+//!    reflects (`A`) and the id counters, then drops those layers.
+//! 4. A checkpoint (sled flushed and its file `fdatasync`ed) lets the log
+//!    recycle the segments below the applied position.
+//!
+//! # Start
+//! sled is opened, and every log group after its `A` position is replayed
+//! into one overlay layer (not into sled: serving starts as soon as the log
+//! is read; the applier writes the layer to sled in the background). Ids
+//! resume above both sled's counters and every id in the replayed groups.
+//! A replayed change is the whole new state of what it touches, so
+//! replaying a group sled already has changes nothing.
+//!
+//! # Faults
+//! A log write or `fdatasync` failure is fatal to the log (see its module
+//! doc): writes are refused until restart, reads go on. A full disk when
+//! the log needs a new segment refuses that group only. A sled failure in
+//! the applier refuses writes too; the overlay keeps every acknowledged
+//! write readable, and the log keeps it durable, until the restart replays
+//! it.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use smallvec::SmallVec;
+
+use super::log::{FsDir, GroupBuf, IdHighWater, Log, LogConfig, LogDir, Lsn};
+use super::sled_store::{
+    io, open_handle, write_change, Counters, FreeSpace, Layer, Sink, View, APPLIED, COUNTERS, RESERVED,
+};
+use super::*;
+
+/// How often the applier moves durable groups into sled.
+const APPLY_EVERY: Duration = Duration::from_millis(10);
+/// Durable layers beyond which the writer waits for the applier (sled
+/// slower than the log for a long while): memory stays bounded.
+const MAX_LAYERS: usize = 16_384;
+/// A checkpoint at least this often while anything was applied since.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
+
+/// How to open a [`WalStore`].
+pub struct WalOptions {
+    /// Bytes preallocated per log segment.
+    pub segment_bytes: u64,
+    /// `--min-free-bytes`.
+    pub min_free: u64,
+    /// Checkpoint once this much log was applied since the last one
+    /// (`None`: half a segment; `u64::MAX`: only at shutdown, for tests).
+    pub checkpoint_bytes: Option<u64>,
+    /// The log's directory (`None`: `<data_dir>/log` on the real file
+    /// system; tests pass a [`super::log::SimulatedDisk`]).
+    pub log_dir: Option<Box<dyn LogDir>>,
+}
+
+impl Default for WalOptions {
+    fn default() -> WalOptions {
+        WalOptions {
+            segment_bytes: LogConfig::default().segment_size,
+            min_free: 0,
+            checkpoint_bytes: None,
+            log_dir: None,
+        }
+    }
+}
+
+/// A group durable in the log and not yet in sled.
+struct Durable {
+    /// The log position after the group.
+    end: Lsn,
+    /// Ids issued up to and including the group.
+    counters: Counters,
+    keys: Layer,
+}
+
+pub struct WalStore {
+    inner: Arc<Inner>,
+    applier: Option<std::thread::JoinHandle<()>>,
+}
+
+struct Inner {
+    /// `ManuallyDrop`: a failed sled is leaked at exit (its drop flushes,
+    /// and a flush after an I/O error waits forever).
+    db: std::mem::ManuallyDrop<sled::Db>,
+    tree: std::mem::ManuallyDrop<sled::Tree>,
+    /// sled's file, `fdatasync`ed by a checkpoint (sled's own flush uses
+    /// `sync_file_range`, which survives a crash but not a power cut).
+    sled_file: std::fs::File,
+    log: Mutex<Log>,
+    health: super::log::Health,
+    /// Durable groups not yet in sled, oldest first. Readers clone the
+    /// `Arc`s and let go of the lock before they read.
+    overlay: RwLock<VecDeque<Arc<Durable>>>,
+    /// Wakes the applier; `true` once the store is being dropped.
+    wake: (Mutex<bool>, Condvar),
+    /// One applier at a time (the thread, or `flush` at shutdown).
+    applying: Mutex<Applied>,
+    /// A sled failure: writes are refused until restart.
+    failed: OnceLock<StoreError>,
+    free: FreeSpace,
+    /// Ids issued, owned by the one writer between groups.
+    counters: Mutex<Counters>,
+    /// The encoding buffer, reused from group to group.
+    buf: Mutex<GroupBuf>,
+    checkpoint_bytes: u64,
+    /// Layers replayed at start (for the start-up log line and tests).
+    replayed_groups: AtomicU64,
+}
+
+/// What the applier has done.
+struct Applied {
+    /// The log position sled reflects.
+    upto: Lsn,
+    /// The position of the last checkpoint, and when it was taken.
+    checkpointed: Lsn,
+    at: Instant,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl WalStore {
+    /// Opens (or creates) the store in `dir` and replays the log's groups
+    /// that sled does not have yet.
+    pub fn open(dir: &std::path::Path, options: WalOptions) -> Result<WalStore> {
+        let (db, tree) = open_handle(dir, None)?;
+        let segment_bytes = options.segment_bytes;
+        let sled_file = std::fs::File::open(dir.join("db").join("db"))
+            .map_err(|e| StoreError::open(format!("cannot open sled's file in {}", dir.display()), e))?;
+        let view = View::new(&tree, &[]);
+        let applied = match tree.get(APPLIED).map_err(io)? {
+            Some(v) if v.len() == 8 => Lsn(u64::from_be_bytes(v.as_ref().try_into().expect("8 bytes"))),
+            Some(_) => return Err(StoreError::Corrupt("the applied log position".into())),
+            None => Lsn(0),
+        };
+        let mut counters = view.counters(COUNTERS)?.max(&view.counters(RESERVED)?);
+        let log_dir = match options.log_dir {
+            Some(d) => d,
+            None => Box::new(FsDir::open(&dir.join("log")).map_err(|e| {
+                StoreError::open(
+                    format!("cannot open the commit log in {}", dir.join("log").display()),
+                    e,
+                )
+            })?),
+        };
+        let config = LogConfig {
+            segment_size: segment_bytes,
+            ..LogConfig::default()
+        };
+        let mut recovery = Log::open(log_dir, config, applied)?;
+        let (mut keys, mut high, mut end, mut groups) = (Layer::new(), IdHighWater::default(), applied, 0);
+        while let Some(g) = recovery.next_group()? {
+            for c in &g.changes {
+                let c = c.as_change();
+                high.observe(&c);
+                write_change(&c, &mut keys);
+            }
+            end = g.end;
+            groups += 1;
+        }
+        let log = recovery.finish().map_err(|e| match e {
+            super::log::LogError::Io { .. } => StoreError::open(
+                format!(
+                    "cannot prepare the commit log in {} (each segment preallocates {} MiB: see --wal-segment-mib)",
+                    dir.join("log").display(),
+                    segment_bytes >> 20
+                ),
+                e,
+            ),
+            e => e.into(),
+        })?;
+        counters = counters.max(&Counters {
+            conversation: high.conversation,
+            message: high.message,
+            notification: high.notification,
+            event: high.seq,
+        });
+        let mut overlay = VecDeque::new();
+        if groups > 0 {
+            overlay.push_back(Arc::new(Durable { end, counters, keys }));
+        }
+        let inner = Arc::new(Inner {
+            db: std::mem::ManuallyDrop::new(db),
+            tree: std::mem::ManuallyDrop::new(tree),
+            sled_file,
+            health: log.health(),
+            log: Mutex::new(log),
+            overlay: RwLock::new(overlay),
+            wake: (Mutex::new(false), Condvar::new()),
+            applying: Mutex::new(Applied {
+                upto: applied,
+                checkpointed: applied,
+                at: Instant::now(),
+            }),
+            failed: OnceLock::new(),
+            free: FreeSpace::new(dir, options.min_free),
+            counters: Mutex::new(counters),
+            buf: Mutex::new(GroupBuf::with_capacity(64 << 10)),
+            checkpoint_bytes: options.checkpoint_bytes.unwrap_or(segment_bytes / 2).max(1),
+            replayed_groups: AtomicU64::new(groups),
+        });
+        let applier = {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("parley-applier".into())
+                .spawn(move || inner.apply_loop())
+                .map_err(|e| StoreError::open("cannot start the applier thread".into(), e))?
+        };
+        Ok(WalStore {
+            inner,
+            applier: Some(applier),
+        })
+    }
+
+    /// Groups found in the log after sled's position at start.
+    pub fn replayed_groups(&self) -> u64 {
+        self.inner.replayed_groups.load(Ordering::Relaxed)
+    }
+}
+
+impl Inner {
+    /// Reads through the overlay as it is now.
+    fn read<T>(&self, f: impl FnOnce(&View<'_>) -> Result<T>) -> Result<T> {
+        let durable: SmallVec<[Arc<Durable>; 8]> = self
+            .overlay
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .rev()
+            .cloned()
+            .collect();
+        let layers: SmallVec<[&Layer; 8]> = durable.iter().map(|d| &d.keys).collect();
+        f(&View::new(&self.tree, &layers))
+    }
+
+    fn apply_loop(&self) {
+        loop {
+            let stopping = {
+                let (m, cv) = &self.wake;
+                let stop = lock(m);
+                let (stop, _) = cv
+                    .wait_timeout(stop, APPLY_EVERY)
+                    .unwrap_or_else(|p| p.into_inner());
+                *stop
+            };
+            if self.failed.get().is_some() {
+                if stopping {
+                    return;
+                }
+                continue;
+            }
+            if let Err(e) = self.apply_and_checkpoint(stopping) {
+                tracing::error!("applying the commit log to sled failed: {}", e.chain());
+                let _ = self.failed.set(e);
+            }
+            if stopping {
+                return;
+            }
+        }
+    }
+
+    /// Moves every durable layer into sled (one batch), then checkpoints if
+    /// enough log was applied since the last one, or `force`.
+    fn apply_and_checkpoint(&self, force: bool) -> Result<()> {
+        let mut applied = lock(&self.applying);
+        let layers: Vec<Arc<Durable>> = self
+            .overlay
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        if let Some(last) = layers.last() {
+            let mut batch = sled::Batch::default();
+            for d in &layers {
+                for (k, v) in &d.keys {
+                    batch.put(k.clone(), v.clone());
+                }
+            }
+            batch.insert(APPLIED, &last.end.0.to_be_bytes()[..]);
+            batch.insert(COUNTERS, &last.counters.to_bytes()[..]);
+            self.tree.apply_batch(batch).map_err(io)?;
+            // Dropped only now that sled has them: a reader finds each key
+            // in one or the other.
+            self.overlay
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .drain(..layers.len());
+            applied.upto = last.end;
+        }
+        let behind = applied.upto.0 - applied.checkpointed.0;
+        let due = behind >= self.checkpoint_bytes || (behind > 0 && applied.at.elapsed() >= CHECKPOINT_EVERY);
+        if due || (force && behind > 0) {
+            self.checkpoint(&mut applied)?;
+        }
+        Ok(())
+    }
+
+    /// Makes sled durable up to what it has applied, then lets the log
+    /// recycle the segments below.
+    fn checkpoint(&self, applied: &mut Applied) -> Result<()> {
+        let upto = applied.upto;
+        self.db.flush().map_err(io)?;
+        self.sled_file.sync_data().map_err(StoreError::io)?;
+        if let Err(e) = lock(&self.log).checkpoint(upto) {
+            // Old segments stay behind; the next checkpoint removes them.
+            tracing::warn!("recycling log segments failed: {e}");
+        }
+        applied.checkpointed = upto;
+        applied.at = Instant::now();
+        Ok(())
+    }
+
+    fn writable(&self) -> Result<()> {
+        self.health.check()?;
+        if let Some(e) = self.failed.get() {
+            return Err(e.clone());
+        }
+        self.free.check()
+    }
+}
+
+#[async_trait]
+impl Store for WalStore {
+    async fn conversation(&self, id: ConversationId) -> Result<Option<Conversation>> {
+        self.inner.read(|v| v.conversation(id))
+    }
+    async fn conversation_exists(&self, id: ConversationId) -> Result<bool> {
+        self.inner.read(|v| v.conversation_exists(id))
+    }
+    async fn is_participant(&self, conversation: ConversationId, user: &str) -> Result<bool> {
+        self.inner.read(|v| v.is_participant(conversation, user))
+    }
+    async fn conversations_of(&self, user: &str) -> Result<Vec<Conversation>> {
+        self.inner.read(|v| v.conversations_of(user))
+    }
+    async fn message(&self, conversation: ConversationId, id: MessageId) -> Result<Option<Message>> {
+        self.inner.read(|v| v.message(conversation, id))
+    }
+    async fn history(
+        &self,
+        conversation: ConversationId,
+        before: Option<MessageId>,
+        limit: usize,
+    ) -> Result<Page<Message>> {
+        self.inner.read(|v| v.history(conversation, before, limit))
+    }
+    async fn events_after(
+        &self,
+        conversation: ConversationId,
+        after: Seq,
+        max: usize,
+    ) -> Result<Replay<LoggedEvent>> {
+        self.inner.read(|v| v.events_after(conversation, after, max))
+    }
+    async fn notification(&self, id: NotificationId) -> Result<Option<Notification>> {
+        self.inner.read(|v| v.notification(id))
+    }
+    async fn notifications(
+        &self,
+        user: &str,
+        unread_only: bool,
+        before: Option<NotificationId>,
+        limit: usize,
+    ) -> Result<Page<Notification>> {
+        self.inner
+            .read(|v| v.notifications(user, unread_only, before, limit))
+    }
+    async fn unread_count(&self, user: &str) -> Result<u64> {
+        self.inner.read(|v| v.unread_count(user))
+    }
+    async fn notifications_after(
+        &self,
+        user: &str,
+        after: NotificationId,
+        max: usize,
+    ) -> Result<Replay<Notification>> {
+        self.inner.read(|v| v.notifications_after(user, after, max))
+    }
+
+    fn writable(&self) -> Result<()> {
+        self.inner.writable()
+    }
+
+    fn begin(&self) -> Result<Box<dyn Group + '_>> {
+        let inner = &*self.inner;
+        let durable = inner
+            .overlay
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .rev()
+            .cloned()
+            .collect();
+        Ok(Box::new(WalGroup {
+            store: inner,
+            durable,
+            keys: Layer::new(),
+            buf: std::mem::take(&mut *lock(&inner.buf)),
+            next: *lock(&inner.counters),
+        }))
+    }
+
+    /// Applies everything to sled and checkpoints (at shutdown).
+    fn flush(&self) -> Result<()> {
+        if let Some(e) = self.inner.failed.get() {
+            return Err(e.clone());
+        }
+        self.inner.apply_and_checkpoint(true)
+    }
+}
+
+impl Drop for WalStore {
+    fn drop(&mut self) {
+        *lock(&self.inner.wake.0) = true;
+        self.inner.wake.1.notify_one();
+        if let Some(h) = self.applier.take() {
+            let _ = h.join();
+        }
+        if self.inner.failed.get().is_none() {
+            if let Some(inner) = Arc::get_mut(&mut self.inner) {
+                // SAFETY: dropped once, here, and never used again (the
+                // applier, the only other owner, has ended).
+                unsafe {
+                    std::mem::ManuallyDrop::drop(&mut inner.tree);
+                    std::mem::ManuallyDrop::drop(&mut inner.db);
+                }
+            }
+        }
+    }
+}
+
+/// A group: its changes encoded for the log and kept as its own layer of
+/// keys, on top of the durable layers as they were when it began (only this
+/// group's commit adds layers, and the applier drops one only once sled has
+/// it, so that snapshot plus sled stays whole).
+struct WalGroup<'a> {
+    store: &'a Inner,
+    /// Newest first.
+    durable: Vec<Arc<Durable>>,
+    keys: Layer,
+    buf: GroupBuf,
+    next: Counters,
+}
+
+impl WalGroup<'_> {
+    fn read<T>(&self, f: impl FnOnce(&View<'_>) -> Result<T>) -> Result<T> {
+        let mut layers: SmallVec<[&Layer; 16]> = SmallVec::with_capacity(1 + self.durable.len());
+        layers.push(&self.keys);
+        layers.extend(self.durable.iter().map(|d| &d.keys));
+        f(&View::new(&self.store.tree, &layers))
+    }
+
+    fn bump(&mut self, pick: impl Fn(&mut Counters) -> &mut u64) -> u64 {
+        let c = pick(&mut self.next);
+        *c += 1;
+        *c
+    }
+}
+
+impl Group for WalGroup<'_> {
+    fn conversation(&mut self, id: ConversationId) -> Result<Option<Conversation>> {
+        self.read(|v| v.conversation(id))
+    }
+    fn message(&mut self, conversation: ConversationId, id: MessageId) -> Result<Option<Message>> {
+        self.read(|v| v.message(conversation, id))
+    }
+    fn notification(&mut self, id: NotificationId) -> Result<Option<Notification>> {
+        self.read(|v| v.notification(id))
+    }
+    fn unread(&mut self, user: &str) -> Result<Vec<NotificationId>> {
+        self.read(|v| v.unread(user))
+    }
+
+    /// Ids need no reservation here: an id is shown only inside a change,
+    /// a change only once its group is in the log, and a replay resumes
+    /// counting above every id the log holds.
+    fn next_conversation(&mut self) -> Result<ConversationId> {
+        Ok(ConversationId(self.bump(|c| &mut c.conversation)))
+    }
+    fn next_message(&mut self) -> Result<MessageId> {
+        Ok(MessageId(self.bump(|c| &mut c.message)))
+    }
+    fn next_notification(&mut self) -> Result<NotificationId> {
+        Ok(NotificationId(self.bump(|c| &mut c.notification)))
+    }
+    /// One sequence over all conversations: increasing within each.
+    fn next_seq(&mut self, _conversation: ConversationId) -> Result<Seq> {
+        Ok(Seq(self.bump(|c| &mut c.event)))
+    }
+
+    fn apply(&mut self, change: Change<'_>) -> Result<()> {
+        self.buf.push(&change);
+        write_change(&change, &mut self.keys);
+        Ok(())
+    }
+
+    fn commit(self: Box<Self>) -> Result<()> {
+        let WalGroup {
+            store,
+            keys,
+            mut buf,
+            next,
+            ..
+        } = *self;
+        *lock(&store.counters) = next;
+        if buf.is_empty() {
+            *lock(&store.buf) = buf;
+            return Ok(());
+        }
+        let written = {
+            let mut log = lock(&store.log);
+            log.append(&mut buf).and_then(|end| log.sync().map(|_| end))
+        };
+        buf.clear();
+        *lock(&store.buf) = buf;
+        let end = written?;
+        let layers = {
+            let mut overlay = store.overlay.write().unwrap_or_else(|p| p.into_inner());
+            overlay.push_back(Arc::new(Durable {
+                end,
+                counters: next,
+                keys,
+            }));
+            overlay.len()
+        };
+        if layers > MAX_LAYERS {
+            // sled has fallen far behind: wait for the applier rather than
+            // grow without bound.
+            store.wake.1.notify_one();
+            while store.overlay.read().unwrap_or_else(|p| p.into_inner()).len() > MAX_LAYERS / 2
+                && store.failed.get().is_none()
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
