@@ -88,13 +88,27 @@ impl LogFile for FsFile {
     fn allocate(&self, len: u64) -> io::Result<()> {
         use rustix::fs::{fallocate, FallocateFlags};
         use rustix::io::Errno;
+        let start = self.0.metadata()?.len();
         match fallocate(&self.0, FallocateFlags::empty(), 0, len) {
-            Ok(()) => Ok(()),
+            Ok(()) => {}
             // File systems without fallocate: a sparse file of the right
             // size still keeps appends from changing the size.
-            Err(e) if e == Errno::OPNOTSUPP || e == Errno::NOSYS => self.0.set_len(len),
-            Err(e) => Err(e.into()),
+            Err(e) if e == Errno::OPNOTSUPP || e == Errno::NOSYS => return self.0.set_len(len),
+            Err(e) => return Err(e.into()),
         }
+        // fallocate leaves the blocks "unwritten": the first write to each
+        // one converts its extent, a metadata change that every
+        // `fdatasync` after it must commit through the file system's
+        // journal. Writing the zeros once now (as PostgreSQL does for new
+        // WAL segments) keeps the per-group `fdatasync` to the data alone.
+        let zeros = vec![0u8; 1 << 20];
+        let mut at = start;
+        while at < len {
+            let n = (len - at).min(zeros.len() as u64) as usize;
+            self.0.write_all_at(&zeros[..n], at)?;
+            at += n as u64;
+        }
+        self.0.sync_data()
     }
 }
 
