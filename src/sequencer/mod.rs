@@ -42,7 +42,7 @@ use crate::ids::{ConversationId, MessageId, NotificationId};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::protocol;
-use crate::store::{Change, Conversation, Group, Notification, Store, StoreError};
+use crate::store::{Change, Commit, Conversation, Group, Notification, Store, StoreError};
 
 pub use notifications::notification_view;
 use output::Output;
@@ -159,6 +159,7 @@ impl Sequencer {
             participants: HashMap::new(),
             scratch: Vec::with_capacity(1024),
             out: Output::default(),
+            spare: Output::default(),
         };
         let handle = std::thread::Builder::new()
             .name("parley-sequencer".into())
@@ -194,32 +195,79 @@ struct Writer {
     participants: HashMap<ConversationId, Arc<[Arc<str>]>>,
     /// Reused for encoding each event's JSON.
     scratch: Vec<u8>,
+    /// The output of the group being handled.
     out: Output,
+    /// A delivered group's output, kept for its buffers' capacity.
+    spare: Output,
+}
+
+/// A group whose commit is in flight, with what it will publish.
+struct InFlight {
+    commit: Box<dyn Commit>,
+    out: Output,
+    started: Instant,
 }
 
 impl Writer {
+    /// The group loop, pipelined: while one group's commit is in flight
+    /// (the log thread appending and syncing it), the next group is handled;
+    /// then the first is waited for, the second's commit started, and only
+    /// then the first published, so that its fan-out overlaps the second's
+    /// sync. Groups are published in commit order, each only once durable.
     fn run(mut self, mut rx: mpsc::Receiver<Request>) {
         let mut requests = Vec::with_capacity(MAX_GROUP);
-        while let Some(first) = rx.blocking_recv() {
-            requests.push(first);
+        let mut in_flight: Option<InFlight> = None;
+        loop {
+            // Block for requests only when nothing waits to be published.
+            if in_flight.is_none() {
+                match rx.blocking_recv() {
+                    Some(first) => requests.push(first),
+                    None => break,
+                }
+            }
             while requests.len() < MAX_GROUP {
                 match rx.try_recv() {
                     Ok(r) => requests.push(r),
                     Err(_) => break,
                 }
             }
-            self.group(&mut requests);
+            if requests.is_empty() {
+                if let Some(f) = in_flight.take() {
+                    let r = self.finish(f.commit, f.started);
+                    self.deliver(f.out, r);
+                }
+                continue;
+            }
+            in_flight = self.group(&mut requests, in_flight);
+        }
+        if let Some(f) = in_flight.take() {
+            let r = self.finish(f.commit, f.started);
+            self.deliver(f.out, r);
         }
         if let Err(e) = self.w.store.flush() {
             tracing::error!("final flush failed: {}", e.chain());
         }
     }
 
-    /// One group: begin, handle each request, commit, then publish and
-    /// answer. A store that cannot take writes now (disk nearly full, or
-    /// failed) refuses the group's writes whole; resumes, which only read,
-    /// go on.
-    fn group(&mut self, requests: &mut Vec<Request>) {
+    /// One group: begin, handle each request, then (once the previous
+    /// group's commit is done) start its commit, publish the previous one,
+    /// and hand this one back as the one in flight. A store that cannot take
+    /// writes now (disk nearly full, or failed) refuses the group's writes
+    /// whole; resumes, which only read, go on. If the previous group's
+    /// commit failed, this group (whose reads may have seen it) is refused
+    /// too.
+    fn group(&mut self, requests: &mut Vec<Request>, mut previous: Option<InFlight>) -> Option<InFlight> {
+        // A resume replays what is in the store and then goes live, so it
+        // runs before the next group is even handled (a backend may show a
+        // change as soon as it is applied): otherwise it would see that
+        // group both replayed and live. Resumes are rare; the overlap is
+        // given up for them only.
+        let mut previous_failed = None;
+        if let Some(f) = previous.take_if(|f| !f.out.resumes.is_empty()) {
+            let r = self.finish(f.commit, f.started);
+            previous_failed = r.as_ref().err().cloned();
+            self.deliver(f.out, r);
+        }
         let store = self.w.store.clone();
         let mut group = match store.writable().and_then(|()| store.begin()) {
             Ok(g) => Some(g),
@@ -241,12 +289,41 @@ impl Writer {
                 }
             }
         }
-        let committed = self.commit(group);
-        let delivered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.deliver(committed)));
-        if delivered.is_err() {
-            tracing::error!("the sequencer panicked while publishing a group");
-            self.out = Output::default();
+        let out = std::mem::replace(&mut self.out, std::mem::take(&mut self.spare));
+        let mut previous = previous.map(|f| {
+            let r = self.finish(f.commit, f.started);
+            (f.out, r)
+        });
+        if let Some(e) = previous_failed {
+            previous = Some((Output::default(), Err(e)));
         }
+        let this = match (&previous, group) {
+            (Some((_, Err(e))), Some(_)) => {
+                // Dropped uncommitted: nothing of it is kept or shown.
+                let e = e.clone();
+                self.deliver(out, Err(e));
+                None
+            }
+            (_, Some(g)) if out.writes > 0 => Some(InFlight {
+                commit: g.start_commit(),
+                out,
+                started: Instant::now(),
+            }),
+            (_, g) => {
+                drop(g);
+                // Nothing to make durable: published (answers, resumes)
+                // after the previous group, keeping the order.
+                Some(InFlight {
+                    commit: Box::new(NothingToCommit),
+                    out,
+                    started: Instant::now(),
+                })
+            }
+        };
+        if let Some((out, r)) = previous {
+            self.deliver(out, r);
+        }
+        this
     }
 
     fn handle(&mut self, g: &mut dyn Group, r: Request) {
@@ -302,39 +379,50 @@ impl Writer {
         Ok(())
     }
 
-    /// Commits the group if it wrote anything; the flush is timed.
-    fn commit(&mut self, group: Option<Box<dyn Group + '_>>) -> Result<(), StoreError> {
-        let Some(g) = group else {
-            return Ok(());
-        };
-        if self.out.writes == 0 {
-            return Ok(());
-        }
-        let started = Instant::now();
-        let r = g.commit();
+    /// Waits for a group's commit; the time from its start to here (the
+    /// append and `fdatasync`, and whatever overlapped them) is recorded.
+    fn finish(&mut self, commit: Box<dyn Commit>, started: Instant) -> Result<(), StoreError> {
+        let r = commit.wait();
         let m = &self.w.metrics;
         m.flush_seconds.observe(started.elapsed().as_secs_f64());
-        m.group_size.observe(self.out.writes as f64);
         if let Err(e) = &r {
             tracing::error!("store commit failed: {}", e.chain());
         }
         r
     }
 
-    /// Publishes and answers the group (everything of it, if the commit
-    /// held; only failures, if it did not), then runs the resumes.
-    fn deliver(&mut self, committed: Result<(), StoreError>) {
-        let mut out = std::mem::take(&mut self.out);
-        out.deliver(
-            committed.err(),
-            &*self.w.fanout,
-            &self.w.metrics,
-            &mut self.scratch,
-        );
-        for r in out.resumes.drain(..) {
-            self.resume(r);
+    /// Publishes and answers a group (everything of it, if the commit
+    /// held; only failures, if it did not), then runs its resumes.
+    fn deliver(&mut self, mut out: Output, committed: Result<(), StoreError>) {
+        if out.writes > 0 {
+            self.w.metrics.group_size.observe(out.writes as f64);
         }
-        self.out = out;
+        let delivered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            out.deliver(
+                committed.err(),
+                &*self.w.fanout,
+                &self.w.metrics,
+                &mut self.scratch,
+            );
+            for r in out.resumes.drain(..) {
+                self.resume(r);
+            }
+        }));
+        if delivered.is_err() {
+            tracing::error!("the sequencer panicked while publishing a group");
+            out = Output::default();
+        }
+        // Its buffers' capacity serves a later group.
+        self.spare = out;
+    }
+}
+
+/// The commit of a group that wrote nothing.
+struct NothingToCommit;
+
+impl Commit for NothingToCommit {
+    fn wait(self: Box<Self>) -> Result<(), StoreError> {
+        Ok(())
     }
 }
 

@@ -238,7 +238,8 @@ pub trait Store: Send + Sync + 'static {
     /// room (for `/healthz`, and checked by the sequencer before each group).
     fn writable(&self) -> Result<()>;
     /// Begins a group of writes. Only the sequencer calls this, and never
-    /// with another group open.
+    /// with another group open (one whose commit is in flight is not open:
+    /// see [`Group::start_commit`]).
     fn begin(&self) -> Result<Box<dyn Group + '_>>;
     /// Makes everything committed so far durable (at shutdown).
     fn flush(&self) -> Result<()>;
@@ -265,4 +266,29 @@ pub trait Group {
     fn apply(&mut self, change: Change<'_>) -> Result<()>;
     /// Makes every change of the group durable.
     fn commit(self: Box<Self>) -> Result<()>;
+    /// Starts making the group durable and returns without waiting, so that
+    /// the writer can handle the next group meanwhile (its reads see this
+    /// one's changes; no reader elsewhere does until [`Commit::wait`] says
+    /// it is durable). At most one commit is in flight: the next group is
+    /// begun, but not committed, before this one is waited for. Backends
+    /// without a background commit do the whole commit here.
+    fn start_commit(self: Box<Self>) -> Box<dyn Commit> {
+        Box::new(Done(Some(self.commit())))
+    }
+}
+
+/// A group's commit in flight.
+pub trait Commit: Send {
+    /// Waits until the group is durable (or failed); only then may anything
+    /// of it be shown.
+    fn wait(self: Box<Self>) -> Result<()>;
+}
+
+/// A commit that finished when it started.
+struct Done(Option<Result<()>>);
+
+impl Commit for Done {
+    fn wait(mut self: Box<Self>) -> Result<()> {
+        self.0.take().unwrap_or(Ok(()))
+    }
 }

@@ -43,12 +43,16 @@ use smallvec::SmallVec;
 
 use super::log::{FsDir, GroupBuf, IdHighWater, Log, LogConfig, LogDir, Lsn};
 use super::sled_store::{
-    io, open_handle, write_change, Counters, FreeSpace, Layer, Sink, View, APPLIED, COUNTERS, RESERVED,
+    io, open_handle, write_change, Counters, FreeSpace, Layer, Sink, View, COUNTERS, RESERVED,
 };
 use super::*;
 
-/// How often the applier moves durable groups into sled.
+/// How often the applier moves durable groups into sled ...
 const APPLY_EVERY: Duration = Duration::from_millis(100);
+/// ... or sooner, once this many bytes of log wait: sled's writes come in
+/// bounded bursts (the `--min-free-bytes` margin must cover one), and the
+/// overlay stays small.
+const APPLY_BYTES: u64 = 1 << 20;
 /// Durable layers beyond which the writer waits for the applier (sled
 /// slower than the log for a long while): memory stays bounded.
 const MAX_LAYERS: usize = 16_384;
@@ -85,19 +89,26 @@ impl Default for WalOptions {
     }
 }
 
-/// A group durable in the log and not yet in sled.
+/// A group durable in the log and not yet in sled (or, while its commit
+/// is in flight, about to be).
 struct Durable {
-    /// The log position after the group.
-    end: Lsn,
+    /// The log position after the group, once appended.
+    end: AtomicU64,
     /// Ids issued up to and including the group.
     counters: Counters,
     keys: Layer,
+    /// The group's size in the log.
+    bytes: u64,
 }
 
 pub struct WalStore {
     inner: Arc<Inner>,
     applier: Option<std::thread::JoinHandle<()>>,
+    writer: Option<std::thread::JoinHandle<()>>,
 }
+
+/// What the log thread answers, in the order the groups were sent.
+type Written = (GroupBuf, super::log::Result<Lsn>);
 
 struct Inner {
     /// `ManuallyDrop`: a failed sled is leaked at exit (its drop flushes,
@@ -109,6 +120,14 @@ struct Inner {
     sled_file: std::fs::File,
     log: Mutex<Log>,
     health: super::log::Health,
+    /// To the log thread, which appends and syncs each group while the
+    /// sequencer handles the next (`None` once the store is dropped) ...
+    jobs: Mutex<Option<std::sync::mpsc::SyncSender<GroupBuf>>>,
+    /// ... and its answers.
+    written: Mutex<std::sync::mpsc::Receiver<Written>>,
+    /// The group whose commit is in flight: the next group's reads see it,
+    /// other readers do not (it is not durable yet).
+    inflight: Mutex<Option<Arc<Durable>>>,
     /// Durable groups not yet in sled, oldest first. Readers clone the
     /// `Arc`s and let go of the lock before they read.
     overlay: RwLock<VecDeque<Arc<Durable>>>,
@@ -125,6 +144,12 @@ struct Inner {
     buf: Mutex<GroupBuf>,
     checkpoint_bytes: u64,
     apply_in_background: bool,
+    segment_bytes: u64,
+    /// The log could not create its next segment (a full disk): writes are
+    /// refused, and `/healthz` says so, until a segment's worth is free.
+    out_of_space: std::sync::atomic::AtomicBool,
+    /// Bytes of log in the overlay (see `APPLY_BYTES`).
+    pending: AtomicU64,
     /// Layers replayed at start (for the start-up log line and tests).
     replayed_groups: AtomicU64,
 }
@@ -151,11 +176,6 @@ impl WalStore {
         let sled_file = std::fs::File::open(dir.join("db").join("db"))
             .map_err(|e| StoreError::open(format!("cannot open sled's file in {}", dir.display()), e))?;
         let view = View::new(&tree, &[]);
-        let applied = match tree.get(APPLIED).map_err(io)? {
-            Some(v) if v.len() == 8 => Lsn(u64::from_be_bytes(v.as_ref().try_into().expect("8 bytes"))),
-            Some(_) => return Err(StoreError::Corrupt("the applied log position".into())),
-            None => Lsn(0),
-        };
         let mut counters = view.counters(COUNTERS)?.max(&view.counters(RESERVED)?);
         let log_dir = match options.log_dir {
             Some(d) => d,
@@ -170,6 +190,9 @@ impl WalStore {
             segment_size: segment_bytes,
             ..LogConfig::default()
         };
+        // sled may hold more than the checkpoint (the applier writes ahead
+        // of it), but only up to it is sled known to be whole after a crash.
+        let applied = Log::checkpointed(&*log_dir)?;
         let started = Instant::now();
         let mut recovery = Log::open(log_dir, config, applied)?;
         let (mut keys, mut high, mut end, mut groups) = (Layer::new(), IdHighWater::default(), applied, 0);
@@ -207,14 +230,24 @@ impl WalStore {
         }
         let mut overlay = VecDeque::new();
         if groups > 0 {
-            overlay.push_back(Arc::new(Durable { end, counters, keys }));
+            overlay.push_back(Arc::new(Durable {
+                end: AtomicU64::new(end.0),
+                counters,
+                keys,
+                bytes: end.0 - applied.0,
+            }));
         }
+        let (jobs, jobs_rx) = std::sync::mpsc::sync_channel::<GroupBuf>(1);
+        let (written_tx, written) = std::sync::mpsc::sync_channel::<Written>(1);
         let inner = Arc::new(Inner {
             db: std::mem::ManuallyDrop::new(db),
             tree: std::mem::ManuallyDrop::new(tree),
             sled_file,
             health: log.health(),
             log: Mutex::new(log),
+            jobs: Mutex::new(Some(jobs)),
+            written: Mutex::new(written),
+            inflight: Mutex::new(None),
             overlay: RwLock::new(overlay),
             wake: (Mutex::new(false), Condvar::new()),
             applying: Mutex::new(Applied {
@@ -229,6 +262,9 @@ impl WalStore {
             checkpoint_bytes: options.checkpoint_bytes.unwrap_or(segment_bytes / 2).max(1),
             replayed_groups: AtomicU64::new(groups),
             apply_in_background: options.apply_in_background,
+            segment_bytes,
+            pending: AtomicU64::new(0),
+            out_of_space: std::sync::atomic::AtomicBool::new(false),
         });
         let applier = {
             let inner = inner.clone();
@@ -237,9 +273,17 @@ impl WalStore {
                 .spawn(move || inner.apply_loop())
                 .map_err(|e| StoreError::open("cannot start the applier thread".into(), e))?
         };
+        let writer = {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("parley-log".into())
+                .spawn(move || inner.write_loop(jobs_rx, written_tx))
+                .map_err(|e| StoreError::open("cannot start the log thread".into(), e))?
+        };
         Ok(WalStore {
             inner,
             applier: Some(applier),
+            writer: Some(writer),
         })
     }
 
@@ -262,6 +306,23 @@ impl Inner {
             .collect();
         let layers: SmallVec<[&Layer; 8]> = durable.iter().map(|d| &d.keys).collect();
         f(&View::new(&self.tree, &layers))
+    }
+
+    /// The log thread: append and `fdatasync` each group, in order.
+    fn write_loop(
+        &self,
+        jobs: std::sync::mpsc::Receiver<GroupBuf>,
+        written: std::sync::mpsc::SyncSender<Written>,
+    ) {
+        while let Ok(mut buf) = jobs.recv() {
+            let r = {
+                let mut log = lock(&self.log);
+                log.append(&mut buf).and_then(|end| log.sync().map(|_| end))
+            };
+            if written.send((buf, r)).is_err() {
+                return;
+            }
+        }
     }
 
     fn apply_loop(&self) {
@@ -315,7 +376,7 @@ impl Inner {
                     batch.put(k.clone(), v.clone());
                 }
             }
-            batch.insert(APPLIED, &last.end.0.to_be_bytes()[..]);
+            let end = Lsn(last.end.load(Ordering::Acquire));
             batch.insert(COUNTERS, &last.counters.to_bytes()[..]);
             self.tree.apply_batch(batch).map_err(io)?;
             // Dropped only now that sled has them: a reader finds each key
@@ -324,7 +385,13 @@ impl Inner {
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
                 .drain(..layers.len());
-            applied.upto = last.end;
+            let bytes: u64 = layers.iter().map(|d| d.bytes).sum();
+            let _ = self
+                .pending
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| {
+                    Some(p.saturating_sub(bytes))
+                });
+            applied.upto = end;
         }
         let behind = applied.upto.0 - applied.checkpointed.0;
         let due = behind >= self.checkpoint_bytes || (behind > 0 && applied.at.elapsed() >= CHECKPOINT_EVERY);
@@ -353,6 +420,10 @@ impl Inner {
         self.health.check()?;
         if let Some(e) = self.failed.get() {
             return Err(e.clone());
+        }
+        if self.out_of_space.load(Ordering::Relaxed) {
+            self.free.at_least(self.segment_bytes)?;
+            self.out_of_space.store(false, Ordering::Relaxed);
         }
         self.free.check()
     }
@@ -421,17 +492,20 @@ impl Store for WalStore {
     }
 
     fn begin(&self) -> Result<Box<dyn Group + '_>> {
-        let inner = &*self.inner;
-        let durable = inner
-            .overlay
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .rev()
-            .cloned()
-            .collect();
+        let inner = &self.inner;
+        // Newest first: the group in flight, then the durable ones.
+        let mut durable: Vec<Arc<Durable>> = lock(&inner.inflight).iter().cloned().collect();
+        durable.extend(
+            inner
+                .overlay
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .rev()
+                .cloned(),
+        );
         Ok(Box::new(WalGroup {
-            store: inner,
+            store: inner.clone(),
             durable,
             keys: Layer::new(),
             buf: std::mem::take(&mut *lock(&inner.buf)),
@@ -450,6 +524,10 @@ impl Store for WalStore {
 
 impl Drop for WalStore {
     fn drop(&mut self) {
+        drop(lock(&self.inner.jobs).take());
+        if let Some(h) = self.writer.take() {
+            let _ = h.join();
+        }
         *lock(&self.inner.wake.0) = true;
         self.inner.wake.1.notify_one();
         if let Some(h) = self.applier.take() {
@@ -472,8 +550,8 @@ impl Drop for WalStore {
 /// keys, on top of the durable layers as they were when it began (only this
 /// group's commit adds layers, and the applier drops one only once sled has
 /// it, so that snapshot plus sled stays whole).
-struct WalGroup<'a> {
-    store: &'a Inner,
+struct WalGroup {
+    store: Arc<Inner>,
     /// Newest first.
     durable: Vec<Arc<Durable>>,
     keys: Layer,
@@ -481,7 +559,7 @@ struct WalGroup<'a> {
     next: Counters,
 }
 
-impl WalGroup<'_> {
+impl WalGroup {
     fn read<T>(&self, f: impl FnOnce(&View<'_>) -> Result<T>) -> Result<T> {
         let mut layers: SmallVec<[&Layer; 16]> = SmallVec::with_capacity(1 + self.durable.len());
         layers.push(&self.keys);
@@ -496,7 +574,7 @@ impl WalGroup<'_> {
     }
 }
 
-impl Group for WalGroup<'_> {
+impl Group for WalGroup {
     fn conversation(&mut self, id: ConversationId) -> Result<Option<Conversation>> {
         self.read(|v| v.conversation(id))
     }
@@ -534,34 +612,94 @@ impl Group for WalGroup<'_> {
     }
 
     fn commit(self: Box<Self>) -> Result<()> {
+        self.start_commit().wait()
+    }
+
+    /// Hands the group's records to the log thread; its keys become the
+    /// in-flight layer, which only the next group reads.
+    fn start_commit(self: Box<Self>) -> Box<dyn Commit> {
         let WalGroup {
             store,
             keys,
-            mut buf,
+            buf,
             next,
             ..
         } = *self;
         *lock(&store.counters) = next;
         if buf.is_empty() {
             *lock(&store.buf) = buf;
-            return Ok(());
+            return Box::new(WalCommit { store, layer: None });
         }
-        let written = {
-            let mut log = lock(&store.log);
-            log.append(&mut buf).and_then(|end| log.sync().map(|_| end))
+        let layer = Arc::new(Durable {
+            end: AtomicU64::new(0),
+            counters: next,
+            keys,
+            bytes: buf.encoded_len() as u64,
+        });
+        *lock(&store.inflight) = Some(layer.clone());
+        let sent = lock(&store.jobs).as_ref().map(|jobs| jobs.send(buf));
+        if !matches!(sent, Some(Ok(()))) {
+            *lock(&store.inflight) = None;
+            return WalCommit::failed();
+        }
+        Box::new(WalCommit {
+            store,
+            layer: Some(layer),
+        })
+    }
+}
+
+/// A group in the log thread's hands.
+struct WalCommit {
+    store: Arc<Inner>,
+    /// `None`: nothing was sent (an empty group), or it was waited for.
+    layer: Option<Arc<Durable>>,
+}
+
+impl WalCommit {
+    /// The log thread is gone (the store is being dropped).
+    fn failed() -> Box<dyn Commit> {
+        struct Failed;
+        impl Commit for Failed {
+            fn wait(self: Box<Self>) -> Result<()> {
+                Err(StoreError::Failed)
+            }
+        }
+        Box::new(Failed)
+    }
+
+    /// The log thread's answer for this group; on success the group's
+    /// layer joins the overlay every reader sees.
+    fn finish(&mut self) -> Result<()> {
+        let Some(layer) = self.layer.take() else {
+            return Ok(());
         };
-        buf.clear();
-        *lock(&store.buf) = buf;
-        let end = written?;
-        let layers = {
-            let mut overlay = store.overlay.write().unwrap_or_else(|p| p.into_inner());
-            overlay.push_back(Arc::new(Durable {
-                end,
-                counters: next,
-                keys,
-            }));
-            overlay.len()
+        let store = &self.store;
+        let answer = lock(&store.written).recv();
+        let r = match answer {
+            Ok((mut buf, written)) => {
+                buf.clear();
+                *lock(&store.buf) = buf;
+                if let Err(super::log::LogError::Io { op: "create", .. }) = &written {
+                    store.out_of_space.store(true, Ordering::Relaxed);
+                }
+                written.map_err(StoreError::from)
+            }
+            Err(_) => Err(StoreError::Failed),
         };
+        let layers = match r {
+            Ok(end) => {
+                layer.end.store(end.0, Ordering::Release);
+                if store.pending.fetch_add(layer.bytes, Ordering::Relaxed) + layer.bytes > APPLY_BYTES {
+                    store.wake.1.notify_one();
+                }
+                let mut overlay = store.overlay.write().unwrap_or_else(|p| p.into_inner());
+                overlay.push_back(layer);
+                overlay.len()
+            }
+            Err(_) => 0,
+        };
+        *lock(&store.inflight) = None;
         if layers > MAX_LAYERS {
             // sled has fallen far behind: wait for the applier rather than
             // grow without bound.
@@ -572,7 +710,21 @@ impl Group for WalGroup<'_> {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
-        Ok(())
+        r.map(|_| ())
+    }
+}
+
+impl Commit for WalCommit {
+    fn wait(mut self: Box<Self>) -> Result<()> {
+        self.finish()
+    }
+}
+
+impl Drop for WalCommit {
+    /// A commit nobody waited for (a panic on the way) is still taken off
+    /// the log thread's answers, so that the next one reads its own.
+    fn drop(&mut self) {
+        let _ = self.finish();
     }
 }
 

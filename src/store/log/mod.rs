@@ -229,6 +229,28 @@ impl Health {
     }
 }
 
+const CHECKPOINT: &str = "checkpoint";
+const CHECKPOINT_TMP: &str = "checkpoint.tmp";
+
+/// Writes the checkpoint record (the LSN and its CRC) durably: a temporary
+/// file synced, renamed over the old one, the directory synced.
+fn write_checkpoint(dir: &dyn LogDir, upto: Lsn) -> Result<()> {
+    let mut rec = [0u8; 16];
+    rec[..8].copy_from_slice(&upto.0.to_le_bytes());
+    let crc = crc32fast::hash(&rec[..8]);
+    rec[8..12].copy_from_slice(&crc.to_le_bytes());
+    let _ = dir.remove(CHECKPOINT_TMP);
+    let file = dir
+        .create(CHECKPOINT_TMP)
+        .map_err(|e| LogError::io("create", CHECKPOINT_TMP, e))?;
+    file.write_at(&rec, 0)
+        .and_then(|()| file.sync_data())
+        .map_err(|e| LogError::io("write", CHECKPOINT_TMP, e))?;
+    dir.rename(CHECKPOINT_TMP, CHECKPOINT)
+        .and_then(|()| dir.sync_dir())
+        .map_err(|e| LogError::io("rename", CHECKPOINT, e))
+}
+
 fn segment_name(start: u64) -> String {
     format!("{start:016x}.wal")
 }
@@ -264,8 +286,36 @@ pub struct Log {
 }
 
 impl Log {
-    /// Opens the log in `dir` and replays it from `from` (the position the
-    /// applied state reflects: 0 for a new store). Read the groups with
+    /// Where the last checkpoint left the applied state durable (0 if none
+    /// was taken): where a replay must start. The applied state may hold
+    /// more than that (it is written in the background), but only up to
+    /// here was it synced, so only up to here is it sure to be whole after
+    /// a crash; replaying a group it already has changes nothing.
+    pub fn checkpointed(dir: &dyn LogDir) -> Result<Lsn> {
+        let file = match dir.open(CHECKPOINT) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Lsn(0)),
+            Err(e) => return Err(LogError::io("open", CHECKPOINT, e)),
+        };
+        let mut rec = [0u8; 16];
+        let n = file
+            .read_at(&mut rec, 0)
+            .map_err(|e| LogError::io("read", CHECKPOINT, e))?;
+        let crc = u32::from_le_bytes(rec[8..12].try_into().expect("4 bytes"));
+        if n < 16 || crc != crc32fast::hash(&rec[..8]) {
+            // Written and synced before it replaced the old one: a bad one
+            // is damage, not a torn write.
+            return Err(LogError::corrupt(
+                CHECKPOINT,
+                0,
+                "the checkpoint record fails its checksum",
+            ));
+        }
+        Ok(Lsn(u64::from_le_bytes(rec[..8].try_into().expect("8 bytes"))))
+    }
+
+    /// Opens the log in `dir` and replays it from `from` (where the applied
+    /// state is known durable, [`Log::checkpointed`]: 0 for a new store). Read the groups with
     /// [`Recovery::next_group`], then [`Recovery::finish`] to append.
     pub fn open(dir: Box<dyn LogDir>, config: LogConfig, from: Lsn) -> Result<Recovery> {
         let mut segments = Vec::new();
@@ -425,12 +475,15 @@ impl Log {
         Ok(())
     }
 
-    /// Recycles the segments wholly below `upto` (the position the applied
-    /// state is durable at): kept as spares up to the configured number,
-    /// deleted otherwise. The current segment always stays. An error here
-    /// leaves old segments behind, which the next checkpoint or open
-    /// removes; it does not fail the log.
+    /// Records that the applied state is durable at `upto` (the `checkpoint`
+    /// file, written and synced before anything is recycled: a replay starts
+    /// there, see [`Log::checkpointed`]), then recycles the segments wholly
+    /// below it: kept as spares up to the configured number, deleted
+    /// otherwise. The current segment always stays. An error here leaves
+    /// old segments behind, which the next checkpoint or open removes; it
+    /// does not fail the log.
     pub fn checkpoint(&mut self, upto: Lsn) -> Result<()> {
+        write_checkpoint(&*self.dir, upto)?;
         let mut removed = 0;
         while self.segments.len() > 1 && self.segments[1] <= upto.0 {
             let name = segment_name(self.segments[0]);

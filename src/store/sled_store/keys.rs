@@ -6,7 +6,6 @@
 //! | --- | --- |
 //! | `k` | [`Counters`], 4 × u64: ids issued |
 //! | `K` | ids reserved (`interval` mode), 4 × u64 |
-//! | `A` | log position the tree reflects (log + sled backend), u64 |
 //! | `c` conv | [`Conversation`] |
 //! | `p` conv user | participant marker |
 //! | `u` user 0 conv | the user's conversations |
@@ -27,7 +26,6 @@ use crate::store::{Change, EventKind, LoggedEvent, Notification, Result, StoreEr
 
 pub(crate) const COUNTERS: &[u8] = b"k";
 pub(crate) const RESERVED: &[u8] = b"K";
-pub(crate) const APPLIED: &[u8] = b"A";
 pub(super) const CONVERSATION: u8 = b'c';
 pub(super) const PARTICIPANT: u8 = b'p';
 pub(super) const USER_CONVERSATION: u8 = b'u';

@@ -7,7 +7,7 @@
 mod keys;
 mod view;
 
-pub(crate) use keys::{write_change, Counters, Sink, APPLIED, COUNTERS, RESERVED};
+pub(crate) use keys::{write_change, Counters, Sink, COUNTERS, RESERVED};
 pub(crate) use view::{io, Layer, View};
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -329,6 +329,11 @@ impl FreeSpace {
         if self.min_free == 0 {
             return Ok(());
         }
+        self.at_least(self.min_free)
+    }
+
+    /// `Full` while less than `bytes` are free.
+    pub fn at_least(&self, bytes: u64) -> Result<()> {
         let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
         let fresh = cached
             .1
@@ -340,7 +345,7 @@ impl FreeSpace {
             );
         }
         let free = cached.0;
-        if free < self.min_free {
+        if free < bytes {
             return Err(StoreError::Full { free });
         }
         Ok(())
