@@ -4,8 +4,11 @@
 //! A dedicated thread takes requests in groups (whatever queued up while the
 //! previous group was being committed). For each group it begins a store
 //! [`Group`], handles each request against it (validation that needs stored
-//! state, ids from the backend, one atomic change per write), commits the
-//! group (one flush: group commit), and only then publishes and answers.
+//! state, ids from the backend, one atomic change per write), starts the
+//! group's commit (one append + one `fdatasync` for the whole group: group
+//! commit, done by the store's log thread), and goes on to the next group
+//! while it runs; a group is published and answered only once its commit
+//! has returned, and groups are published in order (see `Writer::run`).
 //! Each conversation's events of a group are encoded once into one buffer of
 //! frames, and that one buffer goes to every socket of the conversation.
 //!
@@ -20,6 +23,7 @@
 //! | `chat.rs` | conversations and their messages (send, edit, delete) |
 //! | `notifications.rs` | notifications: service-sent, mark read, read all |
 //! | `resume.rs` | the replay-then-live hand-over, for both topics |
+//! | `power_cut.rs` | (tests) power cuts under load on the commit log |
 //!
 //! This thread is the store's one blocking boundary: it calls the store's
 //! write side synchronously. Publishing may write to sockets from here (an
