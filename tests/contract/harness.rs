@@ -167,6 +167,14 @@ impl Server {
         self.addr = addr;
     }
 
+    /// Starts the (stopped) server again on the same data directory with
+    /// other flags.
+    #[allow(dead_code)] // used by the faults suite only
+    pub fn start_again_with(&mut self, args: &[&str]) {
+        self.args = args.iter().map(|a| a.to_string()).collect();
+        self.start_again();
+    }
+
     /// SIGTERM, wait, and start again on the same data directory.
     pub fn restart(&mut self) {
         let status = self.terminate();

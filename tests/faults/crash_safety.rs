@@ -603,3 +603,71 @@ async fn interval_mode_loses_at_most_the_last_interval_and_ids_still_increase() 
         );
     }
 }
+
+/// A data dir left by `kill -9` in the default mode and opened in
+/// `interval` mode: the commit log is replayed into sled first, so nothing
+/// acknowledged is lost; and opened in the default mode again after that,
+/// nothing written in between is lost either (the log is not replayed over
+/// it).
+#[cfg_attr(parley_external, ignore = "needs its own parley: PARLEY_TEST_EXTERNAL is set")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_left_by_kill_9_opens_in_interval_mode_with_everything() {
+    let _machine = crate::util::alone().await;
+    let mut server = own_server!();
+    let alice = user("alice");
+    let conv = server.create_conversation(&alice, &[]).await;
+    let mut ws = server.ws_chat(conv, &alice).await;
+    let mut acked = vec![];
+    for i in 0..40 {
+        let e = say(&mut ws, &format!("before {i}")).await;
+        acked.push(id_of(&e));
+    }
+    // Edit the first one, so that a replay over newer state would show.
+    let first = acked[0];
+    send_json(
+        &mut ws,
+        &json!({"type": "edit_message", "message_id": first, "content": "edited"}),
+    )
+    .await;
+    let edited = recv_json(&mut ws).await;
+    assert_eq!(edited["type"], "message.edited", "{edited}");
+    drop(ws);
+    server.kill9();
+
+    server.start_again_with(&["--durability", "interval:200"]);
+    let ids = |h: &[Value]| {
+        let mut v: Vec<u64> = h.iter().map(id_of).collect();
+        v.sort_unstable();
+        v
+    };
+    assert_eq!(
+        ids(&server.history(conv, &alice).await),
+        acked,
+        "interval mode after kill -9 in the default mode"
+    );
+    let mut ws = server.ws_chat(conv, &alice).await;
+    let e = say(&mut ws, "in interval mode").await;
+    assert!(id_of(&e) > *acked.last().unwrap(), "ids keep increasing: {e}");
+    acked.push(id_of(&e));
+    send_json(
+        &mut ws,
+        &json!({"type": "edit_message", "message_id": first, "content": "edited again"}),
+    )
+    .await;
+    assert_eq!(recv_json(&mut ws).await["type"], "message.edited");
+    drop(ws);
+    let status = server.terminate();
+    assert!(status.success(), "{status}");
+
+    server.start_again_with(&[]);
+    let history = server.history(conv, &alice).await;
+    assert_eq!(ids(&history), acked, "the default mode again");
+    let m = history
+        .iter()
+        .find(|m| id_of(m) == first)
+        .expect("the edited message");
+    assert_eq!(
+        m["content"], "edited again",
+        "the log was not replayed over newer state"
+    );
+}
