@@ -214,7 +214,7 @@ impl WalStore {
             groups += 1;
         }
         let log = recovery.finish().map_err(|e| match e {
-            super::log::LogError::Io { .. } => StoreError::open(
+            super::log::LogError::Io { .. } | super::log::LogError::NoSegment { .. } => StoreError::open(
                 format!(
                     "cannot prepare the commit log in {} (each segment preallocates {} MiB: see --wal-segment-mib)",
                     dir.join("log").display(),
@@ -701,7 +701,7 @@ impl WalCommit {
             Ok((mut buf, written)) => {
                 buf.clear();
                 *lock(&store.buf) = buf;
-                if let Err(super::log::LogError::Io { op: "create", .. }) = &written {
+                if let Err(super::log::LogError::NoSegment { .. }) = &written {
                     store.out_of_space.store(true, Ordering::Relaxed);
                 }
                 written.map_err(StoreError::from)

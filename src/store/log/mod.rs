@@ -121,6 +121,15 @@ pub enum LogError {
         #[source]
         source: Arc<LogError>,
     },
+    /// The next segment could not be created (a full disk, typically).
+    /// Nothing was written, so the log stays usable: a later append tries
+    /// again.
+    #[error("cannot create the next commit-log segment {file}")]
+    NoSegment {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the commit log is corrupt: segment {segment} at offset {offset}: {reason}")]
     Corrupt {
         segment: String,
@@ -152,6 +161,10 @@ impl LogError {
         match self {
             LogError::Io { op, file, source } => LogError::Io {
                 op,
+                file: file.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            LogError::NoSegment { file, source } => LogError::NoSegment {
                 file: file.clone(),
                 source: std::io::Error::new(source.kind(), source.to_string()),
             },
@@ -459,7 +472,10 @@ impl Log {
                 // A full disk: nothing was written into the new segment, so
                 // the log stays usable; the next append tries again.
                 let _ = self.dir.remove(&name);
-                return Err(LogError::io("create", &name, e));
+                return Err(LogError::NoSegment {
+                    file: name,
+                    source: e,
+                });
             }
         };
         if let Err(e) = self.dir.sync_dir() {

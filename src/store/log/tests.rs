@@ -702,7 +702,7 @@ fn a_full_disk_refuses_only_the_append_that_needs_a_new_segment() {
             Err(e) => break e,
         }
     };
-    assert!(matches!(refused, LogError::Io { .. }), "{refused}");
+    assert!(matches!(refused, LogError::NoSegment { .. }), "{refused}");
     assert!(
         appended > 0,
         "the preallocated segment takes appends on a full disk"
