@@ -158,8 +158,6 @@ struct Inner {
     out_of_space: std::sync::atomic::AtomicBool,
     /// Bytes of log in the overlay (see `APPLY_BYTES`).
     pending: AtomicU64,
-    /// Layers replayed at start (for the start-up log line and tests).
-    replayed_groups: AtomicU64,
 }
 
 /// What the applier has done.
@@ -224,20 +222,13 @@ impl WalStore {
             ),
             e => e.into(),
         })?;
-        counters = counters.max(&Counters {
-            conversation: high.conversation,
-            message: high.message,
-            notification: high.notification,
-            event: high.seq,
-        });
+        counters = counters.max(&Counters::from(high));
+        let mut overlay = VecDeque::new();
         if groups > 0 {
             tracing::info!(
                 "commit log: replayed {groups} groups (log positions {applied} to {end}) in {} ms",
                 started.elapsed().as_millis()
             );
-        }
-        let mut overlay = VecDeque::new();
-        if groups > 0 {
             overlay.push_back(Arc::new(Durable {
                 end: AtomicU64::new(end.0),
                 counters,
@@ -268,7 +259,6 @@ impl WalStore {
             counters: Mutex::new(counters),
             buf: Mutex::new(GroupBuf::with_capacity(64 << 10)),
             checkpoint_bytes: options.checkpoint_bytes.unwrap_or(segment_bytes / 2).max(1),
-            replayed_groups: AtomicU64::new(groups),
             apply_in_background: options.apply_in_background,
             segment_bytes,
             pending: AtomicU64::new(0),
@@ -294,24 +284,24 @@ impl WalStore {
             writer: Some(writer),
         })
     }
-
-    /// Groups found in the log after sled's position at start.
-    pub fn replayed_groups(&self) -> u64 {
-        self.inner.replayed_groups.load(Ordering::Relaxed)
-    }
 }
 
 impl Inner {
-    /// Reads through the overlay as it is now.
-    fn read<T>(&self, f: impl FnOnce(&View<'_>) -> Result<T>) -> Result<T> {
-        let durable: SmallVec<[Arc<Durable>; 8]> = self
-            .overlay
+    /// The durable layers as they are now, oldest first. Cloned out (an
+    /// `Arc` each) so that the lock is let go before anything is read.
+    fn durable<C: FromIterator<Arc<Durable>>>(&self) -> C {
+        self.overlay
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .rev()
             .cloned()
-            .collect();
+            .collect()
+    }
+
+    /// Reads through the overlay as it is now.
+    fn read<T>(&self, f: impl FnOnce(&View<'_>) -> Result<T>) -> Result<T> {
+        let mut durable: SmallVec<[Arc<Durable>; 8]> = self.durable();
+        durable.reverse();
         let layers: SmallVec<[&Layer; 8]> = durable.iter().map(|d| &d.keys).collect();
         f(&View::new(&self.tree, &layers))
     }
@@ -370,13 +360,7 @@ impl Inner {
     /// enough log was applied since the last one, or `force`.
     fn apply_and_checkpoint(&self, force: bool) -> Result<()> {
         let mut applied = lock(&self.applying);
-        let layers: Vec<Arc<Durable>> = self
-            .overlay
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .cloned()
-            .collect();
+        let layers: Vec<Arc<Durable>> = self.durable();
         if let Some(last) = layers.last() {
             // In sled batches of at most APPLY_CHUNK keys: sled 0.34 keeps
             // every page version a batch replaces until the batch ends
@@ -515,16 +499,9 @@ impl Store for WalStore {
     fn begin(&self) -> Result<Box<dyn Group + '_>> {
         let inner = &self.inner;
         // Newest first: the group in flight, then the durable ones.
-        let mut durable: Vec<Arc<Durable>> = lock(&inner.inflight).iter().cloned().collect();
-        durable.extend(
-            inner
-                .overlay
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .rev()
-                .cloned(),
-        );
+        let mut durable: Vec<Arc<Durable>> = inner.durable();
+        durable.extend(lock(&inner.inflight).iter().cloned());
+        durable.reverse();
         Ok(Box::new(WalGroup {
             store: inner.clone(),
             durable,

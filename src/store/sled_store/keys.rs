@@ -44,6 +44,18 @@ pub(crate) struct Counters {
     pub event: u64,
 }
 
+/// After a replay, counting resumes above every id the log held.
+impl From<crate::store::log::IdHighWater> for Counters {
+    fn from(h: crate::store::log::IdHighWater) -> Counters {
+        Counters {
+            conversation: h.conversation,
+            message: h.message,
+            notification: h.notification,
+            event: h.seq,
+        }
+    }
+}
+
 impl Counters {
     pub fn covers(&self, other: &Counters) -> bool {
         other.conversation <= self.conversation
