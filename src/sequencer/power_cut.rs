@@ -1,11 +1,13 @@
 //! The sequencer on the commit log + sled backend, through power cuts at
-//! random moments while clients write through the real
-//! sequencer: every message, edit, deletion, conversation and
-//! notification that any socket saw or any writer had acknowledged is
-//! there after the restart, ids keep increasing, and a resume replays.
+//! random moments while clients write through it: every message, edit,
+//! deletion, conversation and notification that any socket saw or any
+//! writer had acknowledged is there after the restart, ids keep
+//! increasing, and a resume replays.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
@@ -17,24 +19,10 @@ use crate::outbox::tests::take;
 use crate::outbox::Outbox;
 use crate::sequencer::{ChatOp, Request, Sequencer, Wiring};
 use crate::store::log::{SimulatedDisk, Tear};
-use crate::store::{EventKind, Store, StoreError, WalOptions, WalStore};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use crate::store::{EventKind, Store, WalOptions, WalStore};
 
-/// Opens a `WalStore` on `dir`, retrying (bounded) while sled's lock is
-/// still held by a handle dropped a moment ago.
 fn open(dir: &std::path::Path, options: impl Fn() -> WalOptions) -> WalStore {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match WalStore::open(dir, options()) {
-            Ok(s) => return s,
-            Err(StoreError::Open { .. }) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => panic!("open: {}", e.chain()),
-        }
-    }
+    crate::store::reopen(|| WalStore::open(dir, options()))
 }
 
 /// A message as its sender last saw it.

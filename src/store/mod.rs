@@ -19,6 +19,24 @@
 
 #[cfg(test)]
 mod conformance;
+
+/// Opens a sled-backed store in a test, retrying (bounded) while sled's
+/// lock is still held: a reopen right after the last handle dropped may
+/// find it held a moment longer (sled's threads let go of the database
+/// after its owner), as a restarted process would not.
+#[cfg(test)]
+pub(crate) fn reopen<S>(open: impl Fn() -> Result<S>) -> S {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match open() {
+            Ok(s) => return s,
+            Err(StoreError::Open { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("open: {}", e.chain()),
+        }
+    }
+}
 pub mod log;
 mod memory;
 mod sled_store;

@@ -387,21 +387,8 @@ mod tests {
     fn passes_the_store_conformance_suite() {
         struct Sled(tempfile::TempDir);
         impl crate::store::conformance::Backend for Sled {
-            /// A reopen right after the last handle dropped may find the
-            /// lock still held for a moment (sled's flusher thread lets go
-            /// of the database after its owner): retry, bounded, as a
-            /// restarted process would find it free.
             fn open(&self) -> Box<dyn Store> {
-                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-                loop {
-                    match SledStore::open(self.0.path(), None) {
-                        Ok(s) => return Box::new(s),
-                        Err(StoreError::Open { .. }) if std::time::Instant::now() < deadline => {
-                            std::thread::sleep(std::time::Duration::from_millis(20));
-                        }
-                        Err(e) => panic!("open: {}", e.chain()),
-                    }
-                }
+                Box::new(crate::store::reopen(|| SledStore::open(self.0.path(), None)))
             }
         }
         crate::store::conformance::run(&Sled(tempfile::tempdir().unwrap()));
