@@ -266,10 +266,12 @@ impl Writer {
         // change as soon as it is applied): otherwise it would see that
         // group both replayed and live. Resumes are rare; the overlap is
         // given up for them only.
-        let mut previous_failed = None;
+        // Set when the previous group's commit failed: this group's reads
+        // may have seen it, so this group is refused too.
+        let mut refused = None;
         if let Some(f) = previous.take_if(|f| !f.out.resumes.is_empty()) {
             let r = self.finish(f.commit, f.started);
-            previous_failed = r.as_ref().err().cloned();
+            refused = r.as_ref().err().cloned();
             self.deliver(f.out, r);
         }
         let store = self.w.store.clone();
@@ -294,21 +296,20 @@ impl Writer {
             }
         }
         let out = std::mem::replace(&mut self.out, std::mem::take(&mut self.spare));
-        let mut previous = previous.map(|f| {
+        let previous = previous.map(|f| {
             let r = self.finish(f.commit, f.started);
+            if let Err(e) = &r {
+                refused = Some(e.clone());
+            }
             (f.out, r)
         });
-        if let Some(e) = previous_failed {
-            previous = Some((Output::default(), Err(e)));
-        }
-        let this = match (&previous, group) {
-            (Some((_, Err(e))), Some(_)) => {
+        let this = match (refused, group) {
+            (Some(e), Some(_)) => {
                 // Dropped uncommitted: nothing of it is kept or shown.
-                let e = e.clone();
                 self.deliver(out, Err(e));
                 None
             }
-            (_, Some(g)) if out.writes > 0 => Some(InFlight {
+            (None, Some(g)) if out.writes > 0 => Some(InFlight {
                 commit: g.start_commit(),
                 out,
                 started: Instant::now(),
