@@ -37,7 +37,13 @@ impl Writer {
         op: ChatOp,
         outbox: Arc<Outbox>,
     ) {
-        match self.chat_op(g, conversation, &outbox.user, op) {
+        // Who gets a notification for a new message was decided when the
+        // group began (see `Writer::notifying`), one entry per new message.
+        let absent = match op {
+            ChatOp::Send(_) => self.absent.pop_front().flatten(),
+            ChatOp::Edit(..) | ChatOp::Delete(_) => None,
+        };
+        match self.chat_op(g, conversation, &outbox.user, op, absent) {
             Ok(()) => self.out.accepted(outbox),
             Err(ChatError::Rejected(r)) => self.out.reject(outbox, r),
             Err(ChatError::Store(e)) => {
@@ -55,6 +61,7 @@ impl Writer {
         conversation: ConversationId,
         user: &Arc<str>,
         op: ChatOp,
+        absent: Option<SmallVec<[Arc<str>; 4]>>,
     ) -> Result<(), ChatError> {
         // The event's position in the log. A message keeps the position of
         // its creation: where `?after=<id>` resumes from.
@@ -87,7 +94,7 @@ impl Writer {
                 (m, EventKind::Deleted)
             }
         };
-        self.record(g, &message, kind, seq)
+        self.record(g, &message, kind, seq, absent)
     }
 
     /// Encodes the event once, stores it with the notifications it causes,
@@ -98,11 +105,12 @@ impl Writer {
         message: &Message,
         kind: EventKind,
         seq: Seq,
+        absent: Option<SmallVec<[Arc<str>; 4]>>,
     ) -> Result<(), ChatError> {
         self.scratch.clear();
         protocol::encode_chat_event(&mut self.scratch, &event(message, kind));
         let notifications = match kind {
-            EventKind::Created => self.notify_absent(g, message)?,
+            EventKind::Created => self.notify_absent(g, message, absent)?,
             EventKind::Edited | EventKind::Deleted => SmallVec::new(),
         };
         let write_kind = match kind {
@@ -135,12 +143,17 @@ impl Writer {
         &mut self,
         g: &mut dyn Group,
         message: &Message,
+        absent: Option<SmallVec<[Arc<str>; 4]>>,
     ) -> Result<SmallVec<[Notification; 4]>, StoreError> {
-        let participants = self.participants(g, message.conversation)?;
-        let absent = self
-            .w
-            .presence
-            .absent(message.conversation, &participants, &message.sender);
+        let absent = match absent {
+            Some(absent) => absent,
+            None => {
+                let participants = self.participants(g, message.conversation)?;
+                self.w
+                    .presence
+                    .absent(message.conversation, &participants, &message.sender)
+            }
+        };
         let mut out = SmallVec::new();
         if absent.is_empty() {
             // In a room where everyone is watching, a message allocates no
@@ -160,7 +173,7 @@ impl Writer {
         Ok(out)
     }
 
-    fn participants(
+    pub(super) fn participants(
         &mut self,
         g: &mut dyn Group,
         conversation: ConversationId,

@@ -35,10 +35,11 @@ mod notifications;
 mod output;
 mod resume;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
+use smallvec::SmallVec;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::hub::{FanOut, Hub, Membership, Presence, Topic};
@@ -46,7 +47,7 @@ use crate::ids::{ConversationId, MessageId, NotificationId};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::protocol;
-use crate::store::{Change, Commit, Conversation, Group, Notification, Store, StoreError};
+use crate::store::{Change, Commit, Conversation, Group, Notification, Plan, Store, StoreError};
 
 pub use notifications::notification_view;
 use output::Output;
@@ -164,6 +165,8 @@ impl Sequencer {
             scratch: Vec::with_capacity(1024),
             out: Output::default(),
             spare: Output::default(),
+            plan: Plan::default(),
+            absent: VecDeque::new(),
         };
         let handle = std::thread::Builder::new()
             .name("parley-sequencer".into())
@@ -203,6 +206,12 @@ struct Writer {
     out: Output,
     /// A delivered group's output, kept for its buffers' capacity.
     spare: Output,
+    /// What the group being begun will touch (kept for its capacity).
+    plan: Plan,
+    /// For each new message of the group, in order: who gets a
+    /// notification for it, decided before its ids are asked for.
+    /// (`None`: ask again when handling it.)
+    absent: VecDeque<Option<SmallVec<[Arc<str>; 4]>>>,
 }
 
 /// A group whose commit is in flight, with what it will publish.
@@ -275,7 +284,12 @@ impl Writer {
             self.deliver(f.out, r);
         }
         let store = self.w.store.clone();
-        let mut group = match store.writable().and_then(|()| store.begin()) {
+        self.plan(requests);
+        let begun = store
+            .writable()
+            .and_then(|()| store.begin_planned(&self.plan))
+            .and_then(|mut g| self.notifying(&mut *g, requests).map(|()| g));
+        let mut group = match begun {
             Ok(g) => Some(g),
             Err(e) => {
                 for r in requests.drain(..) {
@@ -329,6 +343,69 @@ impl Writer {
             self.deliver(out, r);
         }
         this
+    }
+
+    /// What the group will touch, from its requests.
+    fn plan(&mut self, requests: &[Request]) {
+        let plan = &mut self.plan;
+        plan.clear();
+        for r in requests {
+            match r {
+                Request::Chat { conversation, op, .. } => {
+                    plan.conversations.push(*conversation);
+                    match op {
+                        ChatOp::Send(_) => plan.new_messages += 1,
+                        ChatOp::Edit(id, _) | ChatOp::Delete(id) => plan.messages.push((*conversation, *id)),
+                    }
+                }
+                Request::MarkRead { id, .. } => plan.notifications.push(*id),
+                Request::ReadAll { user, .. } => plan.unread.push(user.to_string()),
+                Request::CreateConversation { .. } | Request::Notify { .. } | Request::Resume(_) => {}
+            }
+        }
+    }
+
+    /// Decides who gets a notification in this group (for each new
+    /// message, the participants not watching its conversation; each
+    /// service notification's user) and tells the group before any of their
+    /// ids is asked for.
+    fn notifying(&mut self, g: &mut dyn Group, requests: &[Request]) -> Result<(), StoreError> {
+        self.absent.clear();
+        let mut users: Vec<Arc<str>> = Vec::new();
+        let mut count = 0;
+        for r in requests {
+            match r {
+                Request::Chat {
+                    conversation,
+                    op: ChatOp::Send(_),
+                    outbox,
+                } => {
+                    let participants = self.participants(g, *conversation)?;
+                    let presence = &self.w.presence;
+                    // A bug in presence costs that one request (handling it
+                    // asks again, and drops it then), not the group.
+                    let absent = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        presence.absent(*conversation, &participants, &outbox.user)
+                    }))
+                    .ok();
+                    if let Some(absent) = &absent {
+                        count += absent.len();
+                        users.extend(absent.iter().cloned());
+                    }
+                    self.absent.push_back(absent);
+                }
+                Request::Notify { user, .. } => {
+                    count += 1;
+                    users.push(Arc::from(user.as_str()));
+                }
+                _ => {}
+            }
+        }
+        if count == 0 {
+            return Ok(());
+        }
+        let names: Vec<&str> = users.iter().map(|u| &**u).collect();
+        g.notifying(&names, count)
     }
 
     fn handle(&mut self, g: &mut dyn Group, r: Request) {

@@ -39,10 +39,12 @@ pub(crate) fn reopen<S>(open: impl Fn() -> Result<S>) -> S {
 }
 pub mod log;
 mod memory;
+mod postgres;
 mod sled_store;
 mod wal_store;
 
 pub use memory::MemoryStore;
+pub use postgres::PgStore;
 pub use sled_store::SledStore;
 pub use wal_store::{WalOptions, WalStore};
 
@@ -76,6 +78,10 @@ pub enum StoreError {
         #[source]
         source: Option<Source>,
     },
+    /// The database (cluster mode) does not answer now; writes resume by
+    /// themselves once it does.
+    #[error("{0} does not answer; writes resume when it does")]
+    Unreachable(&'static str),
     #[error("the disk is nearly full ({free} bytes free, below --min-free-bytes); writes resume when space returns")]
     Full { free: u64 },
 }
@@ -259,8 +265,45 @@ pub trait Store: Send + Sync + 'static {
     /// with another group open (one whose commit is in flight is not open:
     /// see [`Group::start_commit`]).
     fn begin(&self) -> Result<Box<dyn Group + '_>>;
+    /// Begins a group that will touch what `plan` names. A backend shared
+    /// by several nodes locks it all here, in one order, so that two nodes'
+    /// groups never wait on each other in a circle, and reads it in one
+    /// round trip; an embedded backend needs none of it.
+    fn begin_planned(&self, plan: &Plan) -> Result<Box<dyn Group + '_>> {
+        let _ = plan;
+        self.begin()
+    }
     /// Makes everything committed so far durable (at shutdown).
     fn flush(&self) -> Result<()>;
+}
+
+/// What a group of writes will touch, known before it begins (see
+/// [`Store::begin_planned`]). Anything a group touches that its plan did not
+/// name still works; a shared backend then locks it as it goes, which two
+/// nodes could do in opposite orders.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// Conversations written to: their event log positions and message ids
+    /// are issued in commit order.
+    pub conversations: Vec<ConversationId>,
+    /// Messages edited or deleted.
+    pub messages: Vec<(ConversationId, MessageId)>,
+    /// Notifications marked read.
+    pub notifications: Vec<NotificationId>,
+    /// Users whose unread notifications are all marked read.
+    pub unread: Vec<String>,
+    /// How many messages the group may create.
+    pub new_messages: usize,
+}
+
+impl Plan {
+    pub fn clear(&mut self) {
+        self.conversations.clear();
+        self.messages.clear();
+        self.notifications.clear();
+        self.unread.clear();
+        self.new_messages = 0;
+    }
 }
 
 /// One group of writes, applied in order and made durable together by
@@ -279,6 +322,15 @@ pub trait Group {
     fn next_notification(&mut self) -> Result<NotificationId>;
     /// The next position in `conversation`'s event log.
     fn next_seq(&mut self, conversation: ConversationId) -> Result<Seq>;
+
+    /// Says, once the group knows, whose notifications it will create and
+    /// how many, before it asks for their ids: a shared backend locks those
+    /// users, so that each user's notification ids increase in commit order
+    /// whichever node issued them.
+    fn notifying(&mut self, users: &[&str], count: usize) -> Result<()> {
+        let _ = (users, count);
+        Ok(())
+    }
 
     /// Applies one change atomically: a crash leaves it whole or absent.
     fn apply(&mut self, change: Change<'_>) -> Result<()>;
