@@ -91,6 +91,18 @@ pub struct ServeArgs {
     /// Size of each commit-log segment, preallocated, in MiB (`sync` mode).
     #[arg(long, env = "PARLEY_WAL_SEGMENT_MIB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub wal_segment_mib: u64,
+    /// Cluster mode: PostgreSQL holds the record (with --redis-url; the two
+    /// go together). Nothing of the record is then kept in --data-dir.
+    #[arg(long, env = "PARLEY_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Cluster mode: Redis pub/sub carries events between nodes (with
+    /// --database-url).
+    #[arg(long, env = "PARLEY_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Cluster mode: on SIGTERM, how long to spread closing the node's
+    /// sockets (1012) over, so clients resume on other nodes without a stampede.
+    #[arg(long, env = "PARLEY_DRAIN_PERIOD", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub drain_period: Duration,
     /// Bytes queued for one socket before it is closed as a slow consumer (1013).
     #[arg(long, env = "PARLEY_MAX_OUTBOUND_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_outbound_bytes: usize,
@@ -207,6 +219,25 @@ pub struct Config {
     pub secret_in_data_dir: bool,
     /// `pretty` or `json`.
     pub log_format: String,
+    /// Both engines of cluster mode; `None`: one node on its own store.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// Where a cluster node finds its engines.
+#[derive(Clone)]
+pub struct ClusterConfig {
+    pub database_url: String,
+    pub redis_url: String,
+    pub drain_period: Duration,
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    /// URLs may carry passwords: never shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("drain_period", &self.drain_period)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A configuration the operator must fix; the message names the flag.
@@ -302,7 +333,32 @@ impl Config {
         let secret_in_data_dir = algorithm == JwtAlgorithm::Hs256
             && a.secret.jwt_secret.is_none()
             && a.secret.jwt_secret_file.is_none();
+        let cluster = match (a.database_url, a.redis_url) {
+            (None, None) => None,
+            (Some(_), None) => return Err(bad("--database-url needs --redis-url too (a cluster uses both)")),
+            (None, Some(_)) => return Err(bad("--redis-url needs --database-url too (a cluster uses both)")),
+            (Some(database_url), Some(redis_url)) => {
+                if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")) {
+                    return Err(bad("--database-url must be a postgres:// URL"));
+                }
+                if !(redis_url.starts_with("redis://") || redis_url.starts_with("rediss://")) {
+                    return Err(bad("--redis-url must be a redis:// URL"));
+                }
+                if secret_in_data_dir {
+                    return Err(bad(
+                        "--database-url: every node of a cluster must verify the same tokens; \
+                         set --jwt-secret, --jwt-secret-file or --jwt-public-key",
+                    ));
+                }
+                Some(ClusterConfig {
+                    database_url,
+                    redis_url,
+                    drain_period: a.drain_period,
+                })
+            }
+        };
         Ok(Config {
+            cluster,
             cors_origins,
             secret_in_data_dir,
             log_format: a.log_format,

@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroU64;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -60,14 +60,26 @@ pub struct Batch {
     pub last_seq: Seq,
 }
 
+/// One user's new notifications of a write group, framed in commit order.
+#[derive(Debug, Clone)]
+pub struct Notes {
+    pub user: Arc<str>,
+    pub frames: Bytes,
+    /// The user's notification before these (0: none, or not known by an
+    /// embedded store), and the last of these: a receiver that knows the
+    /// last one it had can tell whether it missed something.
+    pub prev: u64,
+    pub last: u64,
+}
+
 /// Where the writer's output goes once it is durable.
 pub trait FanOut: Send + Sync {
     /// Hands a conversation's batch to every socket watching it; returns
     /// how many sockets (of this node) it reached.
     fn publish(&self, batch: &Batch) -> usize;
-    /// Hands framed notifications to every notification socket of `user`;
-    /// returns how many sockets (of this node) it reached.
-    fn publish_user(&self, user: &str, frames: &Bytes) -> usize;
+    /// Hands framed notifications to every notification socket of their
+    /// user; returns how many sockets (of this node) it reached.
+    fn publish_user(&self, notes: &Notes) -> usize;
 }
 
 /// Who is watching which conversation.
@@ -107,7 +119,15 @@ fn lock(room: &Mutex<Room>) -> MutexGuard<'_, Room> {
 pub struct Hub {
     rooms: DashMap<ConversationId, SharedRoom>,
     inboxes: DashMap<Arc<str>, SmallVec<[Arc<Outbox>; 2]>>,
+    /// Told when a user starts or stops watching a conversation on this
+    /// node (their first socket on it joins, their last leaves): a cluster
+    /// shares it with the other nodes.
+    watch: OnceLock<WatchHook>,
 }
+
+/// `(conversation, user, watching)`, called under the room's lock: it must
+/// only hand the change on, never wait.
+pub type WatchHook = Box<dyn Fn(ConversationId, &Arc<str>, bool) + Send + Sync>;
 
 /// A socket's place in the hub. Dropping it is the one way to leave.
 ///
@@ -180,7 +200,13 @@ impl Hub {
                 continue;
             }
             r.peers.push(outbox.clone());
-            *r.watching.entry(outbox.user.clone()).or_insert(0) += 1;
+            let n = r.watching.entry(outbox.user.clone()).or_insert(0);
+            *n += 1;
+            if *n == 1 {
+                if let Some(hook) = self.watch.get() {
+                    hook(conversation, &outbox.user, true);
+                }
+            }
             return;
         }
     }
@@ -196,6 +222,9 @@ impl Hub {
                 *n -= 1;
                 if *n == 0 {
                     r.watching.remove(&outbox.user);
+                    if let Some(hook) = self.watch.get() {
+                        hook(conversation, &outbox.user, false);
+                    }
                 }
             }
         }
@@ -261,6 +290,49 @@ impl Hub {
     pub fn close_all(&self, closing: Closing) {
         self.each(|p| p.close(closing));
     }
+
+    /// Sets the hook told when a user starts or stops watching a
+    /// conversation here. Set once, before any socket joins.
+    pub fn on_watch(&self, hook: WatchHook) {
+        let _ = self.watch.set(hook);
+    }
+
+    /// Every (conversation, user) watched on this node now.
+    pub fn watching(&self) -> Vec<(ConversationId, Arc<str>)> {
+        let rooms: Vec<(ConversationId, SharedRoom)> =
+            self.rooms.iter().map(|r| (*r.key(), r.clone())).collect();
+        let mut out = Vec::new();
+        for (c, room) in rooms {
+            out.extend(lock(&room).watching.keys().map(|u| (c, u.clone())));
+        }
+        out
+    }
+
+    /// Whether a socket of this node listens to `topic` (of `user`, for
+    /// notifications).
+    pub fn is_listened(&self, topic: Topic, user: &str) -> bool {
+        match topic {
+            Topic::Chat(c) => self.rooms.contains_key(&c),
+            Topic::Notifications => self.inboxes.contains_key(user),
+        }
+    }
+
+    /// Closes every socket of this node on `topic` (of `user`, for
+    /// notifications).
+    pub fn close_topic(&self, topic: Topic, user: &str, closing: Closing) {
+        match topic {
+            Topic::Chat(c) => {
+                if let Some(room) = self.room(c) {
+                    lock(&room).peers.iter().for_each(|p| p.close(closing));
+                }
+            }
+            Topic::Notifications => {
+                if let Some(list) = self.inboxes.get(user) {
+                    list.iter().for_each(|p| p.close(closing));
+                }
+            }
+        }
+    }
 }
 
 impl FanOut for Hub {
@@ -268,7 +340,14 @@ impl FanOut for Hub {
         self.publish_conversation(batch.conversation, &batch.frames)
     }
 
-    fn publish_user(&self, user: &str, frames: &Bytes) -> usize {
+    fn publish_user(&self, notes: &Notes) -> usize {
+        self.publish_notes(&notes.user, &notes.frames)
+    }
+}
+
+impl Hub {
+    /// Hands `frames` to every notification socket of `user`; returns how many.
+    pub fn publish_notes(&self, user: &str, frames: &Bytes) -> usize {
         match self.inboxes.get(user) {
             Some(list) => {
                 for p in list.iter() {
@@ -332,8 +411,8 @@ mod tests {
             hub.subscribe(Topic::Notifications, &a2),
             hub.subscribe(Topic::Notifications, &b),
         ];
-        assert_eq!(hub.publish_user("alice", &Bytes::from_static(b"n")), 2);
-        assert_eq!(hub.publish_user("carol", &Bytes::from_static(b"n")), 0);
+        assert_eq!(hub.publish_notes("alice", &Bytes::from_static(b"n")), 2);
+        assert_eq!(hub.publish_notes("carol", &Bytes::from_static(b"n")), 0);
     }
 
     #[test]

@@ -14,6 +14,8 @@
 //! - [`hub`]: who listens to what on this node; the `FanOut` and `Presence`
 //!   interfaces the writer publishes through.
 //! - `sequencer`: the one writer: order, ids, group commit, then publish.
+//! - `cluster`: a node of a cluster: Redis between the nodes, delivery in
+//!   PostgreSQL's commit order, gap fill, joins and resumes.
 //! - `state`: what every connection shares (HTTP and sockets).
 //! - `limits`: socket slots, per-user and per-IP limits, the shutdown latch.
 //! - [`ws`]: one socket's whole life: the RFC 6455 engine ([`ws::engine`])
@@ -28,6 +30,7 @@
 //! uses none of it.
 
 pub mod auth;
+mod cluster;
 pub mod config;
 mod http;
 pub mod hub;

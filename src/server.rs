@@ -17,15 +17,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Verifier;
-use crate::config::{Config, Durability};
+use crate::cluster::{Node, Relay};
+use crate::config::{ClusterConfig, Config, Durability};
 use crate::hub::Hub;
 use crate::limits::{ClientAddr, Gate};
 use crate::metrics::Metrics;
 use crate::sequencer::{Sequencer, Wiring};
 use crate::state::Shared;
-use crate::store::{SledStore, Store, StoreError, WalOptions, WalStore};
+use crate::store::{PgStore, SledStore, Store, StoreError, WalOptions, WalStore};
 use crate::wire::Closing;
-use crate::wire::{close, GOING_AWAY};
+use crate::wire::{close, GOING_AWAY, SERVICE_RESTART};
 
 /// How long shutdown waits for HTTP connections to finish before exiting
 /// anyway (sockets get `--close-timeout` plus [`SHUTDOWN_SLACK`]).
@@ -91,6 +92,38 @@ pub fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
     }
 }
 
+/// A cluster node's wiring: PostgreSQL as its store (migrated at start),
+/// the relay that hands its sockets events in commit order, and the bus to
+/// the other nodes, whose subscription writes then need.
+async fn join_cluster(
+    cluster: &ClusterConfig,
+    hub: &Arc<Hub>,
+    metrics: &Arc<Metrics>,
+    max_replay: usize,
+) -> Result<(Wiring, Arc<Relay>), ServerError> {
+    let pg = Arc::new(PgStore::open(&cluster.database_url).await?);
+    let store: Arc<dyn Store> = pg.clone();
+    let node = Node::start(
+        &cluster.redis_url,
+        hub,
+        store.clone(),
+        metrics.clone(),
+        max_replay,
+    )?;
+    let heard = node.bus.clone();
+    pg.require(Box::new(move || heard.check()));
+    let wiring = Wiring {
+        store,
+        hub: hub.clone(),
+        fanout: node.fanout,
+        presence: node.presence,
+        metrics: metrics.clone(),
+        max_replay,
+    };
+    let relay = node.relay;
+    Ok((wiring, relay))
+}
+
 /// Serves until `shutdown` is cancelled, then closes every socket with 1001,
 /// flushes the store and returns.
 pub async fn run(
@@ -98,16 +131,23 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    let store = open_store(&config)?;
     let hub = Arc::new(Hub::new());
     let metrics = Arc::new(Metrics::new());
-    let (sequencer, writer) = Sequencer::start(Wiring::local(
-        store.clone(),
-        hub.clone(),
-        metrics.clone(),
-        config.max_replay_events,
-    ))?;
+    let (wiring, relay) = match &config.cluster {
+        None => {
+            let store = open_store(&config)?;
+            let wiring = Wiring::local(store, hub.clone(), metrics.clone(), config.max_replay_events);
+            (wiring, None)
+        }
+        Some(cluster) => {
+            let (wiring, relay) = join_cluster(cluster, &hub, &metrics, config.max_replay_events).await?;
+            (wiring, Some(relay))
+        }
+    };
+    let store = wiring.store.clone();
+    let (sequencer, writer) = Sequencer::start(wiring)?;
     let shared = Arc::new(Shared {
+        relay,
         verifier: Verifier::new(&config.jwt),
         store: store.clone(),
         hub: hub.clone(),
@@ -163,8 +203,17 @@ async fn shut_down(
     // close below reaches every socket, whenever it joined.
     shared.gate.begin_shutdown();
     tracker.close();
-    shared.hub.close_all(GOING_AWAY);
-    let sockets_bound = shared.config.close_timeout + SHUTDOWN_SLACK;
+    let drain = shared
+        .config
+        .cluster
+        .as_ref()
+        .map_or(Duration::ZERO, |c| c.drain_period);
+    if drain.is_zero() {
+        shared.hub.close_all(GOING_AWAY);
+    } else {
+        drain_sockets(&shared.hub, drain).await;
+    }
+    let sockets_bound = drain + shared.config.close_timeout + SHUTDOWN_SLACK;
     let bound = sockets_bound.max(SHUTDOWN_GRACE);
     let started = std::time::Instant::now();
     let all_done = async {
@@ -195,6 +244,28 @@ async fn shut_down(
         }
         Err(_) => Err(ServerError::FlushTimeout(WRITER_GRACE)),
     }
+}
+
+/// A cluster node's shutdown (a deploy): its sockets are closed with 1012
+/// a slice at a time over `period`, so that their clients reconnect (and
+/// resume) through the balancer on the other nodes without all arriving at
+/// once. Upgrades are refused from the start.
+async fn drain_sockets(hub: &Hub, period: Duration) {
+    const STEP: Duration = Duration::from_millis(50);
+    let mut open = Vec::new();
+    hub.each(|o| open.push(o.clone()));
+    let steps = (period.as_millis() / STEP.as_millis()).max(1) as usize;
+    let per_step = open.len().div_ceil(steps).max(1);
+    tracing::info!("draining {} sockets over {period:?}", open.len());
+    let mut tick = tokio::time::interval(period / steps as u32);
+    for slice in open.chunks(per_step) {
+        tick.tick().await;
+        for o in slice {
+            o.close(SERVICE_RESTART);
+        }
+    }
+    // Any that joined while the list was taken.
+    hub.close_all(SERVICE_RESTART);
 }
 
 /// Pings sockets that have been quiet for `interval` and closes those that

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use crate::auth::Verifier;
+use crate::cluster::Relay;
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::limits::Gate;
@@ -22,6 +23,9 @@ pub struct Shared {
     pub store: Arc<dyn Store>,
     pub hub: Arc<Hub>,
     pub sequencer: Sequencer,
+    /// A cluster node's sockets join (and resume) through its relay, which
+    /// delivers in commit order what every node wrote; `None` on one node.
+    pub relay: Option<Arc<Relay>>,
     pub metrics: Arc<Metrics>,
     /// Open (or upgrading) WebSockets: `--max-connections`, the per-user
     /// and per-IP limits, and whether shutdown began.

@@ -61,6 +61,7 @@ pub mod close {
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
     pub const INTERNAL: u16 = 1011;
+    pub const SERVICE_RESTART: u16 = 1012;
     pub const TRY_AGAIN_LATER: u16 = 1013;
 }
 
@@ -76,6 +77,20 @@ pub struct Closing {
 pub const GOING_AWAY: Closing = Closing {
     code: close::GOING_AWAY,
     reason: "server shutting down",
+};
+
+/// The close a cluster node's sockets get when it drains for a deploy:
+/// clients resume on another node.
+pub const SERVICE_RESTART: Closing = Closing {
+    code: close::SERVICE_RESTART,
+    reason: "node restarting, resume elsewhere",
+};
+
+/// The close a cluster node's sockets of a stream get when the node fell
+/// too far behind it to catch up: clients resume.
+pub const FELL_BEHIND: Closing = Closing {
+    code: close::TRY_AGAIN_LATER,
+    reason: "fell behind, resume",
 };
 
 /// Why the connection must be closed, with the close code to send.

@@ -132,7 +132,7 @@ impl Writer {
         self.out.event(message.conversation, seq, &self.scratch);
         for n in &notifications {
             self.w.metrics.write("notification");
-            self.queue_notification(n);
+            self.queue_notification(g, n);
         }
         Ok(())
     }

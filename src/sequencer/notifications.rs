@@ -18,10 +18,11 @@ pub fn notification_view(n: &Notification) -> NotificationView<'_> {
 
 impl Writer {
     /// Queues `n`'s frame for the user's notification sockets.
-    pub(super) fn queue_notification(&mut self, n: &Notification) {
+    pub(super) fn queue_notification(&mut self, g: &mut dyn Group, n: &Notification) {
         self.scratch.clear();
         protocol::encode_notification(&mut self.scratch, &notification_view(n));
-        self.out.notification(&n.user, &self.scratch);
+        self.out
+            .notification(&n.user, n.id, || g.notification_before(&n.user), &self.scratch);
     }
 
     pub(super) fn notify(
@@ -38,7 +39,7 @@ impl Writer {
             timestamp: Micros::now(),
         };
         self.apply(g, Change::Notifications(std::slice::from_ref(&n)), "notification")?;
-        self.queue_notification(&n);
+        self.queue_notification(g, &n);
         Ok(n)
     }
 

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use bytes::BytesMut;
 
 use super::{Reply, Resume, WriteError};
-use crate::hub::{Batch, FanOut};
-use crate::ids::{ConversationId, Seq};
+use crate::hub::{Batch, FanOut, Notes};
+use crate::ids::{ConversationId, NotificationId, Seq};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::protocol::{self, Rejection};
@@ -25,13 +25,21 @@ struct Pending {
     last_seq: Seq,
 }
 
+/// One user's notifications of the group, framed in commit order.
+struct PendingNotes {
+    user: Arc<str>,
+    frames: BytesMut,
+    prev: u64,
+    last: u64,
+}
+
 /// The group's output, filled while its requests are handled.
 #[derive(Default)]
 pub(super) struct Output {
     /// Frames per conversation, in accepted order; `index` finds the entry.
     conversations: Vec<Pending>,
     index: HashMap<ConversationId, usize>,
-    users: Vec<(Arc<str>, BytesMut)>,
+    users: Vec<PendingNotes>,
     /// Finds a user's entry: a message to a large room notifies thousands.
     user_index: HashMap<Arc<str>, usize>,
     /// Error frames for single sockets (`not_found`, `forbidden`,
@@ -63,18 +71,32 @@ impl Output {
         p.last_seq = seq;
     }
 
-    /// Adds one notification frame's JSON for `user`.
-    pub fn notification(&mut self, user: &str, json: &[u8]) {
+    /// Adds one notification frame's JSON for `user`; `prev` tells the
+    /// user's notification before this group's first one, if known.
+    pub fn notification(
+        &mut self,
+        user: &str,
+        id: NotificationId,
+        prev: impl FnOnce() -> Option<NotificationId>,
+        json: &[u8],
+    ) {
         let i = match self.user_index.get(user) {
             Some(&i) => i,
             None => {
                 let name: Arc<str> = Arc::from(user);
-                self.users.push((name.clone(), BytesMut::new()));
+                self.users.push(PendingNotes {
+                    user: name.clone(),
+                    frames: BytesMut::new(),
+                    prev: prev().map_or(0, |p| p.0),
+                    last: id.0,
+                });
                 self.user_index.insert(name, self.users.len() - 1);
                 self.users.len() - 1
             }
         };
-        wire::put_frame(&mut self.users[i].1, OpCode::Text, json);
+        let p = &mut self.users[i];
+        wire::put_frame(&mut p.frames, OpCode::Text, json);
+        p.last = id.0;
     }
 
     pub fn reject(&mut self, outbox: Arc<Outbox>, r: Rejection) {
@@ -120,8 +142,14 @@ impl Output {
                 let n = fanout.publish(&batch);
                 metrics.deliveries.inc_by(n as u64 * u64::from(batch.events));
             }
-            for (user, frames) in self.users.drain(..) {
-                let n = fanout.publish_user(&user, &frames.freeze());
+            for p in self.users.drain(..) {
+                let notes = Notes {
+                    user: p.user,
+                    frames: p.frames.freeze(),
+                    prev: p.prev,
+                    last: p.last,
+                };
+                let n = fanout.publish_user(&notes);
                 metrics.deliveries.inc_by(n as u64);
             }
         } else {

@@ -11,12 +11,11 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use serde_json::{json, Value};
 use smallvec::SmallVec;
 
 use super::*;
-use crate::hub::{Batch, FanOut, Hub, Membership, Presence, Topic};
+use crate::hub::{Batch, FanOut, Hub, Membership, Notes, Presence, Topic};
 use crate::ids::Seq;
 use crate::outbox::tests::take;
 use crate::store::{LoggedEvent, MemoryStore, Message, Page, Replay};
@@ -84,8 +83,8 @@ impl FanOut for Probe {
         self.hub.publish(batch)
     }
 
-    fn publish_user(&self, user: &str, frames: &Bytes) -> usize {
-        if user == GATE {
+    fn publish_user(&self, notes: &Notes) -> usize {
+        if &*notes.user == GATE {
             let mut g = self.gate.lock().unwrap();
             g.1 = true;
             self.changed.notify_all();
@@ -94,7 +93,7 @@ impl FanOut for Probe {
             }
             g.1 = false;
         }
-        self.hub.publish_user(user, frames)
+        self.hub.publish_user(notes)
     }
 }
 

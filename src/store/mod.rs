@@ -44,7 +44,7 @@ mod sled_store;
 mod wal_store;
 
 pub use memory::MemoryStore;
-pub use postgres::PgStore;
+pub use postgres::{PgStore, Requirement};
 pub use sled_store::SledStore;
 pub use wal_store::{WalOptions, WalStore};
 
@@ -258,6 +258,17 @@ pub trait Store: Send + Sync + 'static {
         max: usize,
     ) -> Result<Replay<Notification>>;
 
+    /// The position of the conversation's newest event (0: none yet).
+    async fn last_seq(&self, conversation: ConversationId) -> Result<Seq> {
+        let newest = self.events_after(conversation, Seq(0), 1).await?;
+        Ok(newest.items.last().map_or(Seq(0), |e| e.seq))
+    }
+    /// The user's newest notification (0: none yet).
+    async fn last_notification(&self, user: &str) -> Result<NotificationId> {
+        let newest = self.notifications(user, false, None, 1).await?;
+        Ok(newest.items.first().map_or(NotificationId(0), |n| n.id))
+    }
+
     /// Whether writes can be taken now: the store works and its disk has
     /// room (for `/healthz`, and checked by the sequencer before each group).
     fn writable(&self) -> Result<()>;
@@ -330,6 +341,15 @@ pub trait Group {
     fn notifying(&mut self, users: &[&str], count: usize) -> Result<()> {
         let _ = (users, count);
         Ok(())
+    }
+
+    /// The newest notification of `user` before this group, where the
+    /// backend knows it (a shared one does, for the users named to
+    /// [`Group::notifying`]): a node that receives the group's
+    /// notifications can tell from it whether it missed some.
+    fn notification_before(&mut self, user: &str) -> Option<NotificationId> {
+        let _ = user;
+        None
     }
 
     /// Applies one change atomically: a crash leaves it whole or absent.

@@ -85,9 +85,13 @@ impl Subscription {
         let user = session.user.clone();
         let slot = Slot::take(shared, session.topic.kind(), &user)?;
         let outbox = Outbox::new(session.user, shared.config.max_outbound_bytes);
-        let membership = match session.resume {
-            None => Ok(shared.hub.subscribe(session.topic, &outbox)),
-            Some(after) => {
+        let membership = match (&shared.relay, session.resume) {
+            (Some(relay), after) => relay
+                .join(session.topic, outbox, after)
+                .await
+                .map_err(WriteError::Unavailable),
+            (None, None) => Ok(shared.hub.subscribe(session.topic, &outbox)),
+            (None, Some(after)) => {
                 let topic = session.topic;
                 shared
                     .sequencer

@@ -151,6 +151,12 @@ impl Server {
         }
     }
 
+    /// The spawned server's process id.
+    #[allow(dead_code)] // used by the cluster suite only
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("no spawned server").id()
+    }
+
     /// SIGKILLs the server: nothing gets a chance to flush.
     pub fn kill9(&mut self) {
         let mut child = self.child.take().expect("no spawned server to kill");

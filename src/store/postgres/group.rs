@@ -45,6 +45,9 @@ const UNREAD: &str = "SELECT id, user_name, message, is_read, created_at FROM no
      WHERE user_name = ANY($1) AND NOT is_read ORDER BY id";
 const MESSAGE_IDS: &str = "SELECT nextval('message_ids') FROM generate_series(1, $1::int)";
 const NOTIFICATION_IDS: &str = "SELECT nextval('notification_ids') FROM generate_series(1, $1::int)";
+/// Each user's newest notification, read under the user's lock.
+const LAST_NOTIFICATIONS: &str = "SELECT u, (SELECT max(id) FROM notifications WHERE user_name = u) \
+     FROM unnest($1::text[]) AS u";
 const CONVERSATION_ID: &str = "SELECT nextval('conversation_ids')";
 /// Taken shared by a group that locks users one by one, exclusive by one
 /// that locks them all: the two never overlap.
@@ -94,6 +97,9 @@ pub(super) struct PgGroup {
     unread: HashMap<String, BTreeSet<NotificationId>>,
     message_ids: VecDeque<u64>,
     notification_ids: VecDeque<u64>,
+    /// The newest notification of each user named to `notifying`, before
+    /// this group.
+    before: HashMap<String, u64>,
     /// What the commit writes, in the order it was applied.
     new_conversations: Vec<ConversationId>,
     changed_messages: Vec<MessageId>,
@@ -176,6 +182,7 @@ impl PgGroup {
             unread: HashMap::new(),
             message_ids: VecDeque::new(),
             notification_ids: VecDeque::new(),
+            before: HashMap::new(),
             new_conversations: Vec::new(),
             changed_messages: Vec::new(),
             changed_notifications: Vec::new(),
@@ -556,7 +563,7 @@ impl Group for PgGroup {
         users.dedup();
         let count = count as i32;
         let client = self.client()?;
-        let rows = block(&self.inner, async {
+        let (last, fresh) = block(&self.inner, async {
             let ids = client.prepare_cached(NOTIFICATION_IDS).await.map_err(pg)?;
             let one_by_one = users.len() <= MAX_USER_LOCKS;
             let all = client
@@ -564,18 +571,30 @@ impl Group for PgGroup {
                 .await
                 .map_err(pg)?;
             let each = client.prepare_cached(LOCK_USERS).await.map_err(pg)?;
+            let newest = client.prepare_cached(LAST_NOTIFICATIONS).await.map_err(pg)?;
             let p_users: [&(dyn ToSql + Sync); 1] = [&users];
             let p_count: [&(dyn ToSql + Sync); 1] = [&count];
             let mut steps: Vec<Step<'_, Vec<Row>>> = vec![Box::pin(client.query(&all, &[]))];
             if one_by_one {
                 steps.push(Box::pin(client.query(&each, &p_users)));
             }
+            steps.push(Box::pin(client.query(&newest, &p_users)));
             steps.push(Box::pin(client.query(&ids, &p_count)));
             let mut done = futures_util::future::try_join_all(steps).await.map_err(pg)?;
-            Ok(done.pop().unwrap_or_default())
+            let fresh = done.pop().unwrap_or_default();
+            let last = done.pop().unwrap_or_default();
+            Ok((last, fresh))
         })?;
-        self.notification_ids = ids(&rows);
+        for r in &last {
+            let newest: Option<i64> = r.get(1);
+            self.before.insert(r.get(0), newest.unwrap_or(0) as u64);
+        }
+        self.notification_ids = ids(&fresh);
         Ok(())
+    }
+
+    fn notification_before(&mut self, user: &str) -> Option<NotificationId> {
+        self.before.get(user).map(|&id| NotificationId(id))
     }
 
     fn apply(&mut self, change: Change<'_>) -> Result<()> {

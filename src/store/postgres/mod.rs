@@ -60,7 +60,12 @@ struct Inner {
     /// Set while the database does not answer (the health task, or a
     /// group that lost its connection); cleared by the health task.
     down: AtomicBool,
+    /// What else writes need (a cluster node: its bus subscription).
+    also: std::sync::OnceLock<Requirement>,
 }
+
+/// A condition writes need besides the database itself.
+pub type Requirement = Box<dyn Fn() -> Result<()> + Send + Sync>;
 
 /// A database error, kept whole.
 fn pg(e: tokio_postgres::Error) -> StoreError {
@@ -110,9 +115,16 @@ impl PgStore {
             pool,
             rt: tokio::runtime::Handle::current(),
             down: AtomicBool::new(false),
+            also: std::sync::OnceLock::new(),
         });
         tokio::spawn(watch(Arc::downgrade(&inner)));
         Ok(PgStore { inner })
+    }
+
+    /// Makes writes (and `/healthz`) need `also` too: a cluster node takes
+    /// no writes while it cannot hear the other nodes. Set once.
+    pub fn require(&self, also: Requirement) {
+        let _ = self.inner.also.set(also);
     }
 
     /// Runs a query on a pooled connection, on the store's runtime (a read
@@ -403,11 +415,34 @@ impl Store for PgStore {
         })
     }
 
+    async fn last_seq(&self, conversation: ConversationId) -> Result<Seq> {
+        let rows = self
+            .query(
+                "SELECT last_seq FROM conversations WHERE id = $1",
+                params![key(conversation.0)],
+            )
+            .await?;
+        Ok(Seq(rows.first().map_or(0, |r| r.get::<_, i64>(0) as u64)))
+    }
+    async fn last_notification(&self, user: &str) -> Result<NotificationId> {
+        let rows = self
+            .query(
+                "SELECT max(id) FROM notifications WHERE user_name = $1",
+                params![user.to_string()],
+            )
+            .await?;
+        let newest: Option<i64> = rows.first().and_then(|r| r.get(0));
+        Ok(NotificationId(newest.unwrap_or(0) as u64))
+    }
+
     fn writable(&self) -> Result<()> {
         if self.inner.down.load(Ordering::Relaxed) {
             return Err(StoreError::Unreachable("PostgreSQL"));
         }
-        Ok(())
+        match self.inner.also.get() {
+            Some(also) => also(),
+            None => Ok(()),
+        }
     }
 
     fn begin(&self) -> Result<Box<dyn Group + '_>> {
