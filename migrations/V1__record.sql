@@ -1,6 +1,9 @@
 -- parley's record in PostgreSQL (cluster mode). Applied once, at the start
 -- of the first node, by refinery under an advisory lock (src/store/postgres).
 --
+-- Text a user wrote (titles, messages, notification texts) is kept as its
+-- UTF-8 bytes: PostgreSQL's `text` cannot hold U+0000, which the API allows.
+--
 -- Order: every write to a conversation locks its row (FOR UPDATE) for the
 -- whole transaction, so its event log positions (`last_seq`) and message ids
 -- are issued in commit order; notification ids are issued under a
@@ -12,7 +15,7 @@ CREATE SEQUENCE notification_ids;
 
 CREATE TABLE conversations (
     id           BIGINT PRIMARY KEY,
-    title        TEXT,
+    title        BYTEA,
     -- The creator first, then the others in the order given.
     participants TEXT[] NOT NULL,
     -- Microseconds since the Unix epoch, as the API shows them.
@@ -32,7 +35,7 @@ CREATE TABLE messages (
     id           BIGINT  PRIMARY KEY,
     conversation BIGINT  NOT NULL REFERENCES conversations (id),
     sender       TEXT    NOT NULL,
-    content      TEXT    NOT NULL,
+    content      BYTEA   NOT NULL,
     created_at   BIGINT  NOT NULL,
     edited       BOOLEAN NOT NULL,
     deleted      BOOLEAN NOT NULL,
@@ -56,7 +59,7 @@ CREATE TABLE events (
 CREATE TABLE notifications (
     id         BIGINT  PRIMARY KEY,
     user_name  TEXT    NOT NULL,
-    message    TEXT    NOT NULL,
+    message    BYTEA   NOT NULL,
     is_read    BOOLEAN NOT NULL,
     created_at BIGINT  NOT NULL
 );

@@ -13,7 +13,7 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 use tokio::task::spawn_local;
 
-use crate::net::{parse_url, token, Http, Target};
+use crate::net::{parse_urls, token, Http, Target};
 use crate::proto::{Cmd, ConnectResult, Ev, Job, Report, SockSpec};
 use crate::sys;
 use crate::worker::new_hist;
@@ -166,7 +166,8 @@ fn run_tag() -> String {
 
 struct Ctx {
     common: Common,
-    target: Target,
+    /// `--url`: one server, or a cluster's nodes.
+    targets: Vec<Target>,
     tag: String,
     started: Instant,
 }
@@ -174,17 +175,35 @@ struct Ctx {
 impl Ctx {
     fn new(common: &Common) -> Res<Self> {
         Ok(Ctx {
-            target: parse_url(&common.url)?,
+            targets: parse_urls(&common.url)?,
             common: common.clone(),
             tag: run_tag(),
             started: Instant::now(),
         })
     }
 
+    fn multi_pid(&self) -> bool {
+        self.common.pid.len() > 1
+    }
+
+    /// The pids as the single-server output always showed them.
+    fn pid_label(&self) -> String {
+        match self.common.pid.as_slice() {
+            [] => "None".into(),
+            [p] => format!("Some({p})"),
+            ps => format!("{ps:?}"),
+        }
+    }
+
+    /// Index of the target for a socket `i` spread round-robin.
+    fn spread(&self, i: usize) -> u32 {
+        (i % self.targets.len()) as u32
+    }
+
     fn job(&self, worker: usize, sockets: Vec<SockSpec>) -> Job {
         Job {
             worker,
-            target: self.target.clone(),
+            targets: self.targets.clone(),
             secret: self.common.secret.clone(),
             src_first: self.common.source_first,
             per_source: self.common.per_source,
@@ -197,12 +216,34 @@ impl Ctx {
         }
     }
 
-    fn rss(&self) -> Option<u64> {
-        self.common.pid.and_then(sys::tree_rss_bytes)
+    /// RSS of each `--pid`'s tree; None without `--pid` or if one is gone.
+    fn rss_per_pid(&self) -> Option<Vec<u64>> {
+        if self.common.pid.is_empty() {
+            return None;
+        }
+        sys::trees_rss_bytes(&self.common.pid)
     }
 
-    fn cpu(&self) -> Option<f64> {
-        self.common.pid.and_then(sys::tree_cpu_secs)
+    /// CPU seconds of each `--pid`'s tree; None without `--pid` or if one is gone.
+    fn cpu_per_pid(&self) -> Option<Vec<f64>> {
+        if self.common.pid.is_empty() {
+            return None;
+        }
+        sys::trees_cpu_secs(&self.common.pid)
+    }
+
+    /// With several `--url`s or `--pid`s: the extra JSON fields naming them
+    /// (the single-server output is unchanged).
+    fn add_cluster_fields(&self, v: &mut Value, sockets_per_url: &[u64]) {
+        let Some(o) = v.as_object_mut() else { return };
+        if self.targets.len() > 1 {
+            let urls: Vec<&str> = self.common.url.split(',').map(str::trim).collect();
+            o.insert("urls".into(), json!(urls));
+            o.insert("sockets_per_url".into(), json!(sockets_per_url));
+        }
+        if self.multi_pid() {
+            o.insert("pids".into(), json!(self.common.pid));
+        }
     }
 
     /// CPU seconds of this tool: the coordinator and its live workers.
@@ -210,19 +251,32 @@ impl Ctx {
         sys::tree_cpu_secs(std::process::id() as i32).unwrap_or(0.0)
     }
 
+    /// `GET /healthz` must answer 200 on every target.
     async fn check_health(&self) -> Res<()> {
-        let mut http = Http::new(self.target.clone());
-        match http.request("GET", "/healthz", None, None).await {
-            Ok((200, _)) => Ok(()),
-            Ok((s, b)) => Err(format!(
-                "GET /healthz answered {s}: {}",
-                String::from_utf8_lossy(&b)
-            )),
-            Err(e) => Err(format!("cannot reach {}: {e}", self.common.url)),
+        let many = self.targets.len() > 1;
+        for t in &self.targets {
+            let mut http = Http::new(t.clone());
+            let (on, name) = if many {
+                (format!(" on {}", t.host), t.host.clone())
+            } else {
+                (String::new(), self.common.url.clone())
+            };
+            match http.request("GET", "/healthz", None, None).await {
+                Ok((200, _)) => {}
+                Ok((s, b)) => {
+                    return Err(format!(
+                        "GET /healthz{on} answered {s}: {}",
+                        String::from_utf8_lossy(&b)
+                    ))
+                }
+                Err(e) => return Err(format!("cannot reach {name}: {e}")),
+            }
         }
+        Ok(())
     }
 
     /// Create conversations over REST: (creator, other participants) each.
+    /// The connections are spread round-robin over the targets.
     async fn create_conversations(&self, specs: Vec<(String, Vec<String>)>) -> Res<Vec<u64>> {
         let n = specs.len();
         let t0 = Instant::now();
@@ -231,9 +285,10 @@ impl Ctx {
         let ids = Rc::new(std::cell::RefCell::new(vec![0u64; n]));
         let err: Rc<std::cell::RefCell<Option<String>>> = Rc::default();
         let mut handles = Vec::new();
-        for _ in 0..self.common.rest_concurrency.max(1) {
+        for k in 0..self.common.rest_concurrency.max(1) {
             let (specs, next, ids, err) = (specs.clone(), next.clone(), ids.clone(), err.clone());
-            let (target, secret) = (self.target.clone(), self.common.secret.clone());
+            let target = self.targets[k % self.targets.len()].clone();
+            let secret = self.common.secret.clone();
             handles.push(spawn_local(async move {
                 let mut http = Http::new(target);
                 let mut tokens: BTreeMap<String, String> = BTreeMap::new();
@@ -466,6 +521,33 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
 }
 
+/// Per-pid CPU seconds between two readings.
+fn cpu_delta(a: &Option<Vec<f64>>, b: &Option<Vec<f64>>) -> Option<Vec<f64>> {
+    match (a, b) {
+        (Some(a), Some(b)) if a.len() == b.len() => Some(a.iter().zip(b).map(|(x, y)| y - x).collect()),
+        _ => None,
+    }
+}
+
+/// Sockets going to each target.
+fn per_target(shares: &[Vec<SockSpec>], n: usize) -> Vec<u64> {
+    let mut v = vec![0u64; n];
+    for s in shares.iter().flatten() {
+        v[s.target as usize % n] += 1;
+    }
+    v
+}
+
+/// `  server CPU per pid: 123 1.20 s, 456 0.80 s`
+fn per_pid_line(pids: &[i32], cpu: &[f64], window: f64) -> String {
+    let parts: Vec<String> = pids
+        .iter()
+        .zip(cpu)
+        .map(|(p, c)| format!("{p} {c:.2} s ({:.2} cores)", c / window.max(1e-9)))
+        .collect();
+    format!("  server CPU per pid: {}", parts.join(", "))
+}
+
 /// Poll the workers until `expected` unique deliveries arrived or `drain`
 /// seconds passed. Returns (unique, last receive ns, timed out).
 async fn wait_deliveries(w: &mut Workers, expected: u64, drain: f64) -> Res<(u64, u64, bool)> {
@@ -511,8 +593,10 @@ pub async fn density(a: DensityArgs) -> Res<Value> {
             gid: i as u32,
             user: users[i].clone(),
             path: paths[i].clone(),
+            target: ctx.spread(i),
         });
     }
+    let spu = per_target(&shares, ctx.targets.len());
     let jobs = shares
         .into_iter()
         .enumerate()
@@ -520,11 +604,18 @@ pub async fn density(a: DensityArgs) -> Res<Value> {
         .collect();
     let mut w = Workers::spawn(jobs).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let baseline = ctx.rss();
+    let baseline_per_pid = ctx.rss_per_pid();
+    let baseline = baseline_per_pid.as_ref().map(|v| v.iter().sum::<u64>());
     println!(
-        "density: {} {:?} sockets via {nw} workers, {} handshakes in flight; server pid {:?}",
-        max, a.kind, a.in_flight, a.common.pid
+        "density: {} {:?} sockets via {nw} workers, {} handshakes in flight; server pid {}",
+        max,
+        a.kind,
+        a.in_flight,
+        ctx.pid_label()
     );
+    if ctx.targets.len() > 1 {
+        println!("  sockets per url: {spu:?} over {}", a.common.url);
+    }
     if let Some(b) = baseline {
         println!("  baseline RSS {:.1} MiB", mib(b));
     }
@@ -545,7 +636,8 @@ pub async fn density(a: DensityArgs) -> Res<Value> {
         total_slow += r.slow;
         tokio::time::sleep(Duration::from_secs_f64(a.settle)).await;
         let (open, _, _) = w.status().await?;
-        let rss = ctx.rss();
+        let rss_per_pid = ctx.rss_per_pid();
+        let rss = rss_per_pid.as_ref().map(|v| v.iter().sum::<u64>());
         let overflow = match (lo0, lo1) {
             (Some(x), Some(y)) => Some(json!({"listen_overflows": y.0 - x.0, "listen_drops": y.1 - x.1})),
             _ => None,
@@ -570,21 +662,27 @@ pub async fn density(a: DensityArgs) -> Res<Value> {
         if let Some(b) = rss {
             fit.push((open as f64, b as f64));
         }
-        points.push(json!({
+        let mut point = json!({
             "count": c,
             "open": open,
             "rss_bytes": rss,
             "connect": connect_json(&r, wall),
             "netstat": overflow,
-        }));
+        });
+        if ctx.multi_pid() {
+            point["rss_bytes_per_pid"] = json!(rss_per_pid);
+        }
+        points.push(point);
     }
     let slope = sys::slope(&fit);
-    let idle = if let (Some(c0), true) = (ctx.cpu(), a.idle_secs > 0.0) {
+    let idle_per_pid = if let (Some(c0), true) = (ctx.cpu_per_pid(), a.idle_secs > 0.0) {
         tokio::time::sleep(Duration::from_secs_f64(a.idle_secs)).await;
-        ctx.cpu().map(|c1| (c1 - c0) / a.idle_secs)
+        cpu_delta(&Some(c0), &ctx.cpu_per_pid())
+            .map(|d| d.iter().map(|c| c / a.idle_secs).collect::<Vec<f64>>())
     } else {
         None
     };
+    let idle = idle_per_pid.as_ref().map(|v| v.iter().sum::<f64>());
     let (open_end, _, _) = w.status().await?;
     let rep = merge_reports(&w.reports().await?);
     w.shutdown().await;
@@ -602,11 +700,15 @@ pub async fn density(a: DensityArgs) -> Res<Value> {
             c, a.idle_secs
         );
     }
+    if let (Some(v), true) = (&idle_per_pid, ctx.multi_pid()) {
+        println!("  idle server CPU per pid (cores): {:?} {v:.4?}", a.common.pid);
+    }
     println!(
         "  connect rate {:.0} sockets/s overall (client CPU {:.2} s), {} handshakes > 1 s; {} still open at the end; closed by server {:?}",
         rate, client_connect_cpu, total_slow, open_end, rep.close_reasons
     );
-    Ok(json!({
+    let round4 = |c: f64| (c * 10000.0).round() / 10000.0;
+    let mut out = json!({
         "scenario": "density",
         "url": a.common.url,
         "kind": format!("{:?}", a.kind).to_lowercase(),
@@ -615,7 +717,7 @@ pub async fn density(a: DensityArgs) -> Res<Value> {
         "baseline_rss_bytes": baseline,
         "points": points,
         "rss_slope_bytes_per_socket": slope.map(|s| s.round()),
-        "idle_cpu_cores": idle.map(|c| (c * 10000.0).round() / 10000.0),
+        "idle_cpu_cores": idle.map(round4),
         "idle_secs": a.idle_secs,
         "connect_rate_per_s": round1(rate),
         "client_cpu_s_connecting": round3(client_connect_cpu),
@@ -624,7 +726,14 @@ pub async fn density(a: DensityArgs) -> Res<Value> {
         "closed_by_server": rep.closed,
         "close_reasons": rep.close_reasons,
         "frames_received": rep.received,
-    }))
+    });
+    ctx.add_cluster_fields(&mut out, &spu);
+    if ctx.multi_pid() {
+        out["baseline_rss_bytes_per_pid"] = json!(baseline_per_pid);
+        out["idle_cpu_cores_per_pid"] =
+            json!(idle_per_pid.map(|v| v.into_iter().map(round4).collect::<Vec<f64>>()));
+    }
+    Ok(out)
 }
 
 // ---------------------------------------------------------------- fan-out
@@ -642,19 +751,23 @@ pub async fn fanout(a: FanoutArgs) -> Res<Value> {
     let path = format!("/ws/chat/{}/", ids[0]);
     let nw = worker_count(&a.common, subs + 1);
     let mut shares: Vec<Vec<SockSpec>> = vec![Vec::new(); nw];
+    // The publisher on the first target, subscriber i on target i % n.
     shares[0].push(SockSpec {
         gid: 0,
         user: publisher,
         path: path.clone(),
+        target: 0,
     });
     for i in 0..subs {
         shares[i % nw].push(SockSpec {
             gid: i as u32 + 1,
             user: users[i % nusers].clone(),
             path: path.clone(),
+            target: ctx.spread(i),
         });
     }
     let counts: Vec<u32> = shares.iter().map(|s| s.len() as u32).collect();
+    let spu = per_target(&shares, ctx.targets.len());
     let jobs = shares
         .into_iter()
         .enumerate()
@@ -671,9 +784,15 @@ pub async fn fanout(a: FanoutArgs) -> Res<Value> {
         "fanout: 1 conversation, {subs} subscriber sockets of {nusers} users + 1 publisher, {} messages, {} in flight, {nw} workers",
         a.messages, a.in_flight
     );
+    if ctx.targets.len() > 1 {
+        println!(
+            "  sockets per url: {spu:?} over {} (publisher on the first)",
+            a.common.url
+        );
+    }
     let (mut w, cr, wall) = connect_and_settle(w, &counts, a.connect_in_flight, a.settle).await?;
     let (open, _, _) = w.status().await?;
-    let cpu0 = ctx.cpu();
+    let cpu0 = ctx.cpu_per_pid();
     let ccpu0 = ctx.client_cpu();
     let pubres = w
         .ask(
@@ -697,15 +816,12 @@ pub async fn fanout(a: FanoutArgs) -> Res<Value> {
     };
     let expected = sent * open;
     let (unique, last_ns, drained_out) = wait_deliveries(&mut w, expected, a.drain).await?;
-    let cpu1 = ctx.cpu();
+    let cpu_per_pid = cpu_delta(&cpu0, &ctx.cpu_per_pid());
     let ccpu = ctx.client_cpu() - ccpu0;
     let rep = merge_reports(&w.reports().await?);
     w.shutdown().await;
     let span = (last_ns.saturating_sub(first_send_ns)) as f64 / 1e9;
-    let cpu = match (cpu0, cpu1) {
-        (Some(a), Some(b)) => Some(b - a),
-        _ => None,
-    };
+    let cpu = cpu_per_pid.as_ref().map(|v| v.iter().sum::<f64>());
     let per_million = cpu.map(|c| c / (unique.max(1) as f64 / 1e6));
     let dps = unique as f64 / span.max(1e-9);
     let loss = expected.saturating_sub(unique);
@@ -726,8 +842,11 @@ pub async fn fanout(a: FanoutArgs) -> Res<Value> {
             c / span.max(1e-9)
         );
     }
+    if let (Some(v), true) = (&cpu_per_pid, ctx.multi_pid()) {
+        println!("{}", per_pid_line(&a.common.pid, v, span));
+    }
     println!("  client CPU {ccpu:.2} s (all workers)");
-    Ok(json!({
+    let mut out = json!({
         "scenario": "fanout",
         "url": a.common.url,
         "workers": nw,
@@ -759,7 +878,13 @@ pub async fn fanout(a: FanoutArgs) -> Res<Value> {
         "client_cpu_s": round3(ccpu),
         "closed_by_server": rep.closed,
         "close_reasons": rep.close_reasons,
-    }))
+    });
+    ctx.add_cluster_fields(&mut out, &spu);
+    if ctx.multi_pid() {
+        out["server_cpu_s_per_pid"] =
+            json!(cpu_per_pid.map(|v| v.into_iter().map(round3).collect::<Vec<f64>>()));
+    }
+    Ok(out)
 }
 
 // ---------------------------------------------------------------- chat
@@ -787,11 +912,15 @@ pub async fn chat(a: ChatArgs) -> Res<Value> {
                 gid: (c * members + m) as u32,
                 user: name(c, m),
                 path: format!("/ws/chat/{id}/"),
+                // Member m of conversation c on target (c + m) % n: every
+                // conversation has members on different targets.
+                target: ctx.spread(c + m),
             });
         }
         groups[k].push(g);
     }
     let counts: Vec<u32> = shares.iter().map(|s| s.len() as u32).collect();
+    let spu = per_target(&shares, ctx.targets.len());
     let conv_share: Vec<usize> = groups.iter().map(Vec::len).collect();
     let jobs = shares
         .into_iter()
@@ -808,8 +937,11 @@ pub async fn chat(a: ChatArgs) -> Res<Value> {
         "chat: {nconv} conversations x {members} members = {total} sockets, {} msg/s for {} s (open loop), {nw} workers",
         a.rate, a.duration
     );
+    if ctx.targets.len() > 1 {
+        println!("  sockets per url: {spu:?} over {}", a.common.url);
+    }
     let (mut w, cr, wall) = connect_and_settle(w, &counts, a.connect_in_flight, a.settle).await?;
-    let cpu0 = ctx.cpu();
+    let cpu0 = ctx.cpu_per_pid();
     let ccpu0 = ctx.client_cpu();
     let t0 = Instant::now();
     let evs = w
@@ -841,15 +973,12 @@ pub async fn chat(a: ChatArgs) -> Res<Value> {
         }
     }
     let (unique, last_ns, drained_out) = wait_deliveries(&mut w, expected, a.drain).await?;
-    let cpu1 = ctx.cpu();
+    let cpu_per_pid = cpu_delta(&cpu0, &ctx.cpu_per_pid());
     let ccpu = ctx.client_cpu() - ccpu0;
     let window = t0.elapsed().as_secs_f64();
     let rep = merge_reports(&w.reports().await?);
     w.shutdown().await;
-    let cpu = match (cpu0, cpu1) {
-        (Some(a), Some(b)) => Some(b - a),
-        _ => None,
-    };
+    let cpu = cpu_per_pid.as_ref().map(|v| v.iter().sum::<f64>());
     let span = if first_ns == u64::MAX {
         0.0
     } else {
@@ -876,11 +1005,14 @@ pub async fn chat(a: ChatArgs) -> Res<Value> {
             c / window.max(1e-9)
         );
     }
+    if let (Some(v), true) = (&cpu_per_pid, ctx.multi_pid()) {
+        println!("{}", per_pid_line(&a.common.pid, v, window));
+    }
     println!(
         "  client CPU {ccpu:.2} s = {:.3} cores (all workers)",
         ccpu / window.max(1e-9)
     );
-    Ok(json!({
+    let mut out = json!({
         "scenario": "chat",
         "url": a.common.url,
         "workers": nw,
@@ -910,5 +1042,11 @@ pub async fn chat(a: ChatArgs) -> Res<Value> {
         "client_cpu_cores": round3(ccpu / window.max(1e-9)),
         "closed_by_server": rep.closed,
         "close_reasons": rep.close_reasons,
-    }))
+    });
+    ctx.add_cluster_fields(&mut out, &spu);
+    if ctx.multi_pid() {
+        out["server_cpu_s_per_pid"] =
+            json!(cpu_per_pid.map(|v| v.into_iter().map(round3).collect::<Vec<f64>>()));
+    }
+    Ok(out)
 }

@@ -37,15 +37,18 @@ enum Cmd {
 
 #[derive(Args, Clone, Debug)]
 pub struct Common {
-    /// Server base URL, loopback only, e.g. http://127.0.0.1:8301
+    /// Server base URL, loopback only, e.g. http://127.0.0.1:8301; several
+    /// separated by commas (a cluster's nodes) spread the sockets over them
     #[arg(long)]
     pub url: String,
     /// HS256 secret the server verifies tokens with
     #[arg(long)]
     pub secret: String,
-    /// Server process id: RSS and CPU are read for it and all its descendants
-    #[arg(long)]
-    pub pid: Option<i32>,
+    /// Server process id: RSS and CPU are read for it and all its
+    /// descendants; several separated by commas are summed (and CPU is
+    /// reported per pid too)
+    #[arg(long, value_delimiter = ',')]
+    pub pid: Vec<i32>,
     /// Worker processes (0 = max(2, sockets / --max-per-worker))
     #[arg(long, default_value_t = 0)]
     pub workers: usize,

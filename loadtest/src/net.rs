@@ -54,6 +54,16 @@ pub fn parse_url(url: &str) -> Result<Target, String> {
     })
 }
 
+/// Parse `--url`: one base URL or several separated by commas (a cluster's
+/// nodes), each as in [`parse_url`], so each must be loopback.
+pub fn parse_urls(list: &str) -> Result<Vec<Target>, String> {
+    let urls: Vec<&str> = list.split(',').map(str::trim).collect();
+    if urls.iter().any(|u| u.is_empty()) {
+        return Err(format!("--url has an empty entry: {list}"));
+    }
+    urls.into_iter().map(parse_url).collect()
+}
+
 #[derive(Serialize)]
 struct Claims<'a> {
     sub: &'a str,
@@ -425,6 +435,17 @@ mod tests {
         assert!(parse_url("http://10.0.0.1:80").is_err());
         assert!(parse_url("http://example.com:80").is_err());
         assert!(parse_url("ftp://127.0.0.1:1").is_err());
+    }
+
+    #[test]
+    fn url_lists_are_loopback_only_throughout() {
+        let ts = parse_urls("http://127.0.0.1:1, http://127.0.0.2:2/").unwrap();
+        assert_eq!(ts.len(), 2);
+        assert_eq!(ts[1].addr.port(), 2);
+        assert_eq!(parse_urls("http://127.0.0.1:8301").unwrap().len(), 1);
+        assert!(parse_urls("http://127.0.0.1:1,http://10.0.0.1:2").is_err());
+        assert!(parse_urls("http://127.0.0.1:1,").is_err());
+        assert!(parse_urls("").is_err());
     }
 
     #[test]

@@ -17,13 +17,17 @@ pub struct SockSpec {
     pub user: String,
     /// e.g. `/ws/chat/12/` or `/ws/notifications/`
     pub path: String,
+    /// Index into the job's `targets`: the server (node) this socket goes to.
+    #[serde(default)]
+    pub target: u32,
 }
 
 /// First line a worker reads.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Job {
     pub worker: usize,
-    pub target: Target,
+    /// The servers (one, or a cluster's nodes), as given by `--url`.
+    pub targets: Vec<Target>,
     pub secret: String,
     /// Source address of socket gid: 127.0.0.(src_first + gid / per_source).
     pub src_first: u8,

@@ -56,8 +56,8 @@ fn stat_fields(pid: i32) -> Option<Vec<String>> {
     Some(rest.split_ascii_whitespace().map(str::to_owned).collect())
 }
 
-/// `root` and all its descendants, from the ppid field of every /proc/N/stat.
-pub fn tree_pids(root: i32) -> Vec<i32> {
+/// Parent pid -> child pids, from the ppid field of every /proc/N/stat.
+fn children_map() -> HashMap<i32, Vec<i32>> {
     let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
     if let Ok(dir) = fs::read_dir("/proc") {
         for e in dir.flatten() {
@@ -71,6 +71,11 @@ pub fn tree_pids(root: i32) -> Vec<i32> {
             }
         }
     }
+    children
+}
+
+/// `root` and all its descendants in `children`.
+fn tree_in(children: &HashMap<i32, Vec<i32>>, root: i32) -> Vec<i32> {
     let mut out = vec![root];
     let mut i = 0;
     while i < out.len() {
@@ -85,36 +90,75 @@ pub fn tree_pids(root: i32) -> Vec<i32> {
     out
 }
 
-/// Sum of VmRSS (bytes) over the process tree of `root`. None if root is gone.
-pub fn tree_rss_bytes(root: i32) -> Option<u64> {
-    fs::metadata(format!("/proc/{root}")).ok()?;
+/// The process trees of several roots from one scan of /proc, each process
+/// in one tree only (the first root's that holds it, so a root given twice,
+/// or one inside another's tree, is not counted twice). None if a root is gone.
+fn trees(roots: &[i32]) -> Option<Vec<Vec<i32>>> {
+    for r in roots {
+        fs::metadata(format!("/proc/{r}")).ok()?;
+    }
+    let children = children_map();
+    let mut seen = std::collections::HashSet::new();
+    Some(
+        roots
+            .iter()
+            .map(|&r| {
+                tree_in(&children, r)
+                    .into_iter()
+                    .filter(|p| seen.insert(*p))
+                    .collect()
+            })
+            .collect(),
+    )
+}
+
+fn rss_of(pid: i32) -> u64 {
     let mut total = 0u64;
-    for pid in tree_pids(root) {
-        if let Ok(s) = fs::read_to_string(format!("/proc/{pid}/status")) {
-            for line in s.lines() {
-                if let Some(v) = line.strip_prefix("VmRSS:") {
-                    let kb: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
-                    total += kb * 1024;
-                }
+    if let Ok(s) = fs::read_to_string(format!("/proc/{pid}/status")) {
+        for line in s.lines() {
+            if let Some(v) = line.strip_prefix("VmRSS:") {
+                let kb: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+                total += kb * 1024;
             }
         }
     }
-    Some(total)
+    total
+}
+
+fn ticks_of(pid: i32) -> u64 {
+    stat_fields(pid)
+        .map(|f| {
+            let u: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
+            let s: u64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+            u + s
+        })
+        .unwrap_or(0)
 }
 
 /// utime+stime (seconds) summed over the process tree of `root`.
 pub fn tree_cpu_secs(root: i32) -> Option<f64> {
-    fs::metadata(format!("/proc/{root}")).ok()?;
+    trees_cpu_secs(&[root]).map(|v| v[0])
+}
+
+/// VmRSS (bytes) of each root's process tree. None if any root is gone.
+pub fn trees_rss_bytes(roots: &[i32]) -> Option<Vec<u64>> {
+    Some(
+        trees(roots)?
+            .iter()
+            .map(|t| t.iter().map(|&p| rss_of(p)).sum())
+            .collect(),
+    )
+}
+
+/// utime+stime (seconds) of each root's process tree. None if any root is gone.
+pub fn trees_cpu_secs(roots: &[i32]) -> Option<Vec<f64>> {
     let tck = clk_tck();
-    let mut ticks = 0u64;
-    for pid in tree_pids(root) {
-        if let Some(f) = stat_fields(pid) {
-            let u: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
-            let s: u64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-            ticks += u + s;
-        }
-    }
-    Some(ticks as f64 / tck)
+    Some(
+        trees(roots)?
+            .iter()
+            .map(|t| t.iter().map(|&p| ticks_of(p)).sum::<u64>() as f64 / tck)
+            .collect(),
+    )
 }
 
 /// (ListenOverflows, ListenDrops) from /proc/net/netstat.
@@ -170,8 +214,21 @@ mod tests {
     #[test]
     fn own_process_is_measurable() {
         let me = std::process::id() as i32;
-        assert!(tree_rss_bytes(me).unwrap() > 0);
+        assert!(trees_rss_bytes(&[me]).unwrap()[0] > 0);
         assert!(tree_cpu_secs(me).is_some());
-        assert!(tree_pids(me).contains(&me));
+        assert!(trees(&[me]).unwrap()[0].contains(&me));
+    }
+
+    #[test]
+    fn several_roots_count_each_process_once() {
+        let me = std::process::id() as i32;
+        let one = trees_rss_bytes(&[me]).unwrap();
+        let twice = trees_rss_bytes(&[me, me]).unwrap();
+        assert_eq!(twice.len(), 2);
+        assert_eq!(twice[1], 0);
+        assert!(one[0] > 0 && twice[0] > 0);
+        assert_eq!(trees_cpu_secs(&[me, me]).unwrap().len(), 2);
+        assert!(trees_cpu_secs(&[me, i32::MAX]).is_none());
+        assert_eq!(trees_cpu_secs(&[]).unwrap().len(), 0);
     }
 }

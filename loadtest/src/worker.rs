@@ -197,7 +197,8 @@ fn short_reason(e: &fastwebsockets::WebSocketError) -> String {
     }
 }
 
-async fn reader(local: u32, gid: u32, mut rd: WsRead, wr: Writer, st: Rc<RefCell<State>>) {
+/// Reads one socket until it closes; `at` is appended to the close reason.
+async fn reader(local: u32, gid: u32, mut rd: WsRead, wr: Writer, st: Rc<RefCell<State>>, at: String) {
     let mut send_fn = |f: Frame<'static>| {
         let w = wr.clone();
         async move { w.lock().await.write_frame(f).await }
@@ -230,7 +231,7 @@ async fn reader(local: u32, gid: u32, mut rd: WsRead, wr: Writer, st: Rc<RefCell
     let mut s = st.borrow_mut();
     s.open = s.open.saturating_sub(1);
     s.closed += 1;
-    *s.close_reasons.entry(reason).or_default() += 1;
+    *s.close_reasons.entry(reason + &at).or_default() += 1;
 }
 
 fn chat_frame(tag: &str, gid: u32, seq: u64, t: u64) -> Frame<'static> {
@@ -271,8 +272,9 @@ impl Worker {
                             .clone()
                     };
                     let start = Instant::now();
+                    let target = &job.targets[spec.target as usize % job.targets.len()];
                     let r = open_ws(
-                        &job.target,
+                        target,
                         job.source_of(spec.gid),
                         &spec.path,
                         &jwt,
@@ -280,6 +282,12 @@ impl Worker {
                         limit,
                     )
                     .await;
+                    // With several servers, failures and closes name the node.
+                    let at = if job.targets.len() > 1 {
+                        format!(" @{}", target.host)
+                    } else {
+                        String::new()
+                    };
                     let ms = start.elapsed().as_secs_f64() * 1000.0;
                     let mut r2 = res.borrow_mut();
                     r2.attempted += 1;
@@ -293,11 +301,11 @@ impl Worker {
                             let wr = Rc::new(Mutex::new(wr));
                             writers.borrow_mut()[i as usize] = Some(wr.clone());
                             st.borrow_mut().open += 1;
-                            spawn_local(reader(i, spec.gid, rd, wr, st.clone()));
+                            spawn_local(reader(i, spec.gid, rd, wr, st.clone(), at));
                         }
                         Err(e) => {
                             r2.failed += 1;
-                            *r2.errors.entry(e.0).or_default() += 1;
+                            *r2.errors.entry(e.0 + &at).or_default() += 1;
                         }
                     }
                 }
@@ -526,6 +534,12 @@ async fn run() {
         },
         _ => return,
     };
+    if job.targets.is_empty() {
+        emit(&Ev::Fatal {
+            msg: "bad job: no targets".into(),
+        });
+        return;
+    }
     let deadline = Duration::from_secs_f64(job.deadline_s.max(1.0));
     let wid = job.worker;
     spawn_local(async move {

@@ -16,6 +16,7 @@ pub fn run(backend: &dyn Backend) {
     ids_increase_across_reopen(backend);
     a_chat_change_is_whole(backend);
     reads_in_a_group_see_its_own_changes(backend);
+    text_is_kept_exactly_even_a_nul(backend);
     history_pages_newest_first_and_skip_deleted(backend);
     event_log_ranges_and_truncation(backend);
     notifications_pages_unread_index_and_replay(backend);
@@ -181,6 +182,52 @@ fn a_chat_change_is_whole(b: &dyn Backend) {
     let of_carol = block_on(s.conversations_of("cyd")).unwrap();
     assert!(of_carol.iter().any(|x| x.id == c.id));
     assert!(block_on(s.conversations_of("mallory")).unwrap().is_empty());
+}
+
+/// The API allows any Unicode text, U+0000 included (PostgreSQL's `text`
+/// does not: a backend must not lose or refuse it).
+fn text_is_kept_exactly_even_a_nul(b: &dyn Backend) {
+    let s = b.open();
+    let mut g = s.begin().unwrap();
+    let c = Conversation {
+        id: g.next_conversation().unwrap(),
+        title: Some("t\0itle ☃".into()),
+        participants: vec!["alice".into(), "bea".into()],
+        created_at: Micros(1),
+    };
+    g.apply(Change::Conversation(&c)).unwrap();
+    let seq = g.next_seq(c.id).unwrap();
+    let m = Message {
+        id: g.next_message().unwrap(),
+        conversation: c.id,
+        sender: "alice".into(),
+        content: "NUL\0inside 🦀".into(),
+        timestamp: Micros(2),
+        edited: false,
+        deleted: false,
+        seq,
+    };
+    let n = Notification {
+        id: g.next_notification().unwrap(),
+        user: "bea".into(),
+        message: "a\0b".into(),
+        is_read: false,
+        timestamp: Micros(2),
+    };
+    g.apply(Change::Chat {
+        message: &m,
+        kind: EventKind::Created,
+        seq,
+        payload: b"{}",
+        notifications: std::slice::from_ref(&n),
+    })
+    .unwrap();
+    g.commit().unwrap();
+    drop(s);
+    let s = b.open();
+    assert_eq!(block_on(s.conversation(c.id)).unwrap(), Some(c.clone()));
+    assert_eq!(block_on(s.message(c.id, m.id)).unwrap(), Some(m));
+    assert_eq!(block_on(s.notification(n.id)).unwrap(), Some(n));
 }
 
 fn reads_in_a_group_see_its_own_changes(b: &dyn Backend) {

@@ -63,12 +63,12 @@ const INSERT_CONVERSATION: &str =
 const INSERT_PARTICIPANTS: &str = "INSERT INTO participants (user_name, conversation) \
      SELECT u, $2 FROM unnest($1::text[]) AS u ON CONFLICT DO NOTHING";
 const UPSERT_MESSAGES: &str = "INSERT INTO messages (id, conversation, sender, content, created_at, edited, deleted, seq) \
-     SELECT * FROM unnest($1::int8[], $2::int8[], $3::text[], $4::text[], $5::int8[], $6::bool[], $7::bool[], $8::int8[]) \
+     SELECT * FROM unnest($1::int8[], $2::int8[], $3::text[], $4::bytea[], $5::int8[], $6::bool[], $7::bool[], $8::int8[]) \
      ON CONFLICT (id) DO UPDATE SET content = EXCLUDED.content, edited = EXCLUDED.edited, deleted = EXCLUDED.deleted";
 const INSERT_EVENTS: &str = "INSERT INTO events (conversation, seq, kind, message, payload) \
      SELECT * FROM unnest($1::int8[], $2::int8[], $3::int2[], $4::int8[], $5::bytea[])";
 const UPSERT_NOTIFICATIONS: &str = "INSERT INTO notifications (id, user_name, message, is_read, created_at) \
-     SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::bool[], $5::int8[]) \
+     SELECT * FROM unnest($1::int8[], $2::text[], $3::bytea[], $4::bool[], $5::int8[]) \
      ON CONFLICT (id) DO UPDATE SET is_read = EXCLUDED.is_read";
 const SET_LAST_SEQ: &str = "UPDATE conversations AS c SET last_seq = d.s \
      FROM unnest($1::int8[], $2::int8[]) AS d (id, s) WHERE c.id = d.id";
@@ -226,7 +226,7 @@ impl PgGroup {
     fn hold(&mut self, r: &Row) {
         let conversation = Conversation {
             id: ConversationId(r.get::<_, i64>(0) as u64),
-            title: r.get(1),
+            title: r.get::<_, Option<Vec<u8>>>(1).map(text),
             participants: r.get(2),
             created_at: Micros(r.get::<_, i64>(3) as u64),
         };
@@ -280,7 +280,7 @@ impl PgGroup {
             let c = &h.conversation;
             w.conversations.push((
                 key(c.id.0),
-                c.title.clone(),
+                c.title.as_ref().map(|t| t.as_bytes().to_vec()),
                 c.participants.clone(),
                 c.created_at.0 as i64,
                 h.last_seq as i64,
@@ -301,7 +301,7 @@ impl PgGroup {
             w.m_id.push(key(m.id.0));
             w.m_conversation.push(key(m.conversation.0));
             w.m_sender.push(m.sender.clone());
-            w.m_content.push(m.content.clone());
+            w.m_content.push(m.content.as_bytes().to_vec());
             w.m_at.push(m.timestamp.0 as i64);
             w.m_edited.push(m.edited);
             w.m_deleted.push(m.deleted);
@@ -315,7 +315,7 @@ impl PgGroup {
             let n = &self.notifications[id];
             w.n_id.push(key(n.id.0));
             w.n_user.push(n.user.clone());
-            w.n_message.push(n.message.clone());
+            w.n_message.push(n.message.as_bytes().to_vec());
             w.n_read.push(n.is_read);
             w.n_at.push(n.timestamp.0 as i64);
         }
@@ -382,7 +382,7 @@ async fn begin(
 }
 
 /// A conversation row: id, title, participants, created at, last seq.
-type NewConversation = (i64, Option<String>, Vec<String>, i64, i64);
+type NewConversation = (i64, Option<Vec<u8>>, Vec<String>, i64, i64);
 
 /// What a commit writes, as the columns PostgreSQL takes them in.
 #[derive(Default)]
@@ -393,7 +393,7 @@ struct Writes {
     m_id: Vec<i64>,
     m_conversation: Vec<i64>,
     m_sender: Vec<String>,
-    m_content: Vec<String>,
+    m_content: Vec<Vec<u8>>,
     m_at: Vec<i64>,
     m_edited: Vec<bool>,
     m_deleted: Vec<bool>,
@@ -401,7 +401,7 @@ struct Writes {
     events: Events,
     n_id: Vec<i64>,
     n_user: Vec<String>,
-    n_message: Vec<String>,
+    n_message: Vec<Vec<u8>>,
     n_read: Vec<bool>,
     n_at: Vec<i64>,
 }

@@ -208,10 +208,17 @@ fn key(v: u64) -> i64 {
     v as i64
 }
 
+/// Text a user wrote, stored as its UTF-8 bytes (PostgreSQL's `text`
+/// cannot hold U+0000). parley wrote them from a `String`, so they are
+/// UTF-8; anything else would show replacement characters, never fail.
+pub(super) fn text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
 fn conversation_from(r: &Row) -> Conversation {
     Conversation {
         id: ConversationId(r.get::<_, i64>(0) as u64),
-        title: r.get(1),
+        title: r.get::<_, Option<Vec<u8>>>(1).map(text),
         participants: r.get(2),
         created_at: Micros(r.get::<_, i64>(3) as u64),
     }
@@ -223,7 +230,7 @@ fn message_from(r: &Row) -> Message {
         id: MessageId(r.get::<_, i64>(0) as u64),
         conversation: ConversationId(r.get::<_, i64>(1) as u64),
         sender: r.get(2),
-        content: r.get(3),
+        content: text(r.get(3)),
         timestamp: Micros(r.get::<_, i64>(4) as u64),
         edited: r.get(5),
         deleted: r.get(6),
@@ -236,7 +243,7 @@ fn notification_from(r: &Row) -> Notification {
     Notification {
         id: NotificationId(r.get::<_, i64>(0) as u64),
         user: r.get(1),
-        message: r.get(2),
+        message: text(r.get(2)),
         is_read: r.get(3),
         timestamp: Micros(r.get::<_, i64>(4) as u64),
     }
