@@ -7,6 +7,7 @@
 #   ROUNDS=3 RATES="500 2000" loadtest/cluster.sh
 #   OUT=dir    (default loadtest/results/cluster-<date>)
 #   FANOUT_MESSAGES=n   messages of the fan-out run (default 1000)
+#   SCENARIOS="chat"    only the chat runs ("fanout chat" by default)
 # Each round:
 #   fanout  one plain parley (default mode: its own data dir, no cluster
 #           flags), then three cluster nodes, the same run both times:
@@ -35,6 +36,8 @@ started_at=$(date +%s)
 
 ROUNDS=${ROUNDS:-1}
 RATES=${RATES:-"500 2000"}
+# Which scenarios to run: "fanout chat" (default), or either alone.
+SCENARIOS=${SCENARIOS:-"fanout chat"}
 OUT="${OUT:-loadtest/results/cluster-$(date -u +%Y-%m-%d)}"
 SECRET="cluster-secret"
 NODES=3
@@ -336,6 +339,7 @@ failures=0
 for round in $(seq 1 "$ROUNDS"); do
     echo "== round $round of $ROUNDS ($(date -u +%H:%M:%S) UTC, load average $(cut -d' ' -f1-3 /proc/loadavg))"
     # fan-out: one plain node, then the cluster
+    if [[ " $SCENARIOS " == *" fanout "* ]]; then
     name="r$round-fanout-single"
     start_nodes "$name" single
     load "$name" single "$round" fanout "${FANOUT_ARGS[@]}" || failures=$((failures + 1))
@@ -356,7 +360,9 @@ try:
 except ValueError:
     print(f"  fanout CPU-s per million deliveries: single {sys.argv[1]}, cluster {sys.argv[2]}: no ratio")
 PY
+    fi
     # chat: the cluster at each rate
+    [[ " $SCENARIOS " == *" chat "* ]] || continue
     for rate in $RATES; do
         secs=20; [ "$rate" -gt 500 ] && secs=10
         name="r$round-chat-$rate"

@@ -92,6 +92,21 @@ pub trait Presence: Send + Sync {
         participants: &[Arc<str>],
         sender: &str,
     ) -> SmallVec<[Arc<str>; 4]>;
+
+    /// [`Presence::absent`] for each of a group's new messages at once (a
+    /// cluster asks Redis once per group, not once per message).
+    fn absent_each(&self, asks: &[Ask<'_>]) -> Vec<SmallVec<[Arc<str>; 4]>> {
+        asks.iter()
+            .map(|a| self.absent(a.conversation, a.participants, a.sender))
+            .collect()
+    }
+}
+
+/// One new message's question to [`Presence`].
+pub struct Ask<'a> {
+    pub conversation: ConversationId,
+    pub participants: &'a [Arc<str>],
+    pub sender: &'a str,
 }
 
 /// The sockets open on one conversation, and which users they belong to.

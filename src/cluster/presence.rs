@@ -22,7 +22,7 @@ use std::time::Duration;
 use smallvec::SmallVec;
 use tokio::sync::mpsc;
 
-use crate::hub::{Hub, Presence};
+use crate::hub::{Ask, Hub, Presence};
 use crate::ids::ConversationId;
 
 const NODES: &str = "parley:nodes";
@@ -81,8 +81,9 @@ impl ClusterPresence {
         })
     }
 
-    /// The users watching `c` on other live nodes.
-    fn elsewhere(&self, c: ConversationId) -> redis::RedisResult<HashSet<String>> {
+    /// For each conversation, the users watching it on other live nodes:
+    /// one round trip for all of them (two when a node is new).
+    fn elsewhere(&self, convs: &[ConversationId]) -> redis::RedisResult<Vec<HashSet<String>>> {
         let cached = self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let alive = self.alive.clone();
         let node = self.node;
@@ -99,21 +100,28 @@ impl ClusterPresence {
                 }
             };
             let asked = async {
-                let mut hkeys = redis::cmd("HKEYS");
-                hkeys.arg(watchers_key(c));
-                let fields: Vec<String> = hkeys.query_async(&mut conn).await?;
-                let mut watching: Vec<(u64, String, String)> = Vec::new();
-                for f in fields {
-                    let Some((n, user)) = f.split_once(':') else {
-                        continue;
-                    };
-                    let Ok(n) = u64::from_str_radix(n, 16) else {
-                        continue;
-                    };
-                    // This node's own sockets: the hub knows them better.
-                    if n != node {
-                        watching.push((n, user.to_string(), f.clone()));
+                let mut pipe = redis::pipe();
+                for c in convs {
+                    pipe.cmd("HKEYS").arg(watchers_key(*c));
+                }
+                let answers: Vec<Vec<String>> = pipe.query_async(&mut conn).await?;
+                // (node, user, field) per conversation.
+                let mut watching: Vec<Vec<(u64, String, String)>> = Vec::with_capacity(convs.len());
+                for fields in answers {
+                    let mut w = Vec::new();
+                    for f in fields {
+                        let Some((n, user)) = f.split_once(':') else {
+                            continue;
+                        };
+                        let Ok(n) = u64::from_str_radix(n, 16) else {
+                            continue;
+                        };
+                        // This node's own sockets: the hub knows them better.
+                        if n != node {
+                            w.push((n, user.to_string(), f.clone()));
+                        }
                     }
+                    watching.push(w);
                 }
                 // Nodes not alive at the last renewal may have started since:
                 // asked about directly, and only those whose key is gone are
@@ -122,6 +130,7 @@ impl ClusterPresence {
                     let alive = alive.read().unwrap_or_else(|p| p.into_inner());
                     watching
                         .iter()
+                        .flatten()
                         .map(|w| w.0)
                         .filter(|n| !alive.contains(n))
                         .collect()
@@ -149,15 +158,19 @@ impl ClusterPresence {
             let (watching, dead) = tokio::time::timeout(ASK_TIMEOUT, asked)
                 .await
                 .map_err(|_| timed_out())??;
-            let mut users = HashSet::new();
-            for (n, user, field) in watching {
-                if dead.contains(&n) {
-                    let _ = self.changes.send(Change::Forget(c, field));
-                } else {
-                    users.insert(user);
+            let mut out = Vec::with_capacity(convs.len());
+            for (c, w) in convs.iter().zip(watching) {
+                let mut users = HashSet::new();
+                for (n, user, field) in w {
+                    if dead.contains(&n) {
+                        let _ = self.changes.send(Change::Forget(*c, field));
+                    } else {
+                        users.insert(user);
+                    }
                 }
+                out.push(users);
             }
-            Ok(users)
+            Ok(out)
         })
     }
 }
@@ -176,21 +189,51 @@ impl Presence for ClusterPresence {
         participants: &[Arc<str>],
         sender: &str,
     ) -> SmallVec<[Arc<str>; 4]> {
-        let mut absent = self.hub.absent(conversation, participants, sender);
-        if absent.is_empty() {
-            return absent;
+        let ask = Ask {
+            conversation,
+            participants,
+            sender,
+        };
+        self.absent_each(std::slice::from_ref(&ask))
+            .pop()
+            .unwrap_or_default()
+    }
+
+    /// Absent here first (the hub); only conversations where someone is
+    /// are asked of Redis, all in one round trip.
+    fn absent_each(&self, asks: &[Ask<'_>]) -> Vec<SmallVec<[Arc<str>; 4]>> {
+        let mut out: Vec<SmallVec<[Arc<str>; 4]>> = asks
+            .iter()
+            .map(|a| self.hub.absent(a.conversation, a.participants, a.sender))
+            .collect();
+        let mut convs: Vec<ConversationId> = asks
+            .iter()
+            .zip(&out)
+            .filter(|(_, absent)| !absent.is_empty())
+            .map(|(a, _)| a.conversation)
+            .collect();
+        if convs.is_empty() {
+            return out;
         }
-        match self.elsewhere(conversation) {
-            Ok(watching) => absent.retain(|u| !watching.contains(&**u)),
+        convs.sort_unstable();
+        convs.dedup();
+        match self.elsewhere(&convs) {
+            Ok(watching) => {
+                for (a, absent) in asks.iter().zip(out.iter_mut()) {
+                    if let Ok(i) = convs.binary_search(&a.conversation) {
+                        absent.retain(|u| !watching[i].contains(&**u));
+                    }
+                }
+            }
             Err(e) => {
                 *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 tracing::warn!(
-                    "cannot ask Redis who watches conversation {}: {e}; notifying",
-                    conversation.0
+                    "cannot ask Redis who watches {} conversations: {e}; notifying",
+                    convs.len()
                 );
             }
         }
-        absent
+        out
     }
 }
 

@@ -42,7 +42,7 @@ use std::time::Instant;
 use smallvec::SmallVec;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::hub::{FanOut, Hub, Membership, Presence, Topic};
+use crate::hub::{Ask, FanOut, Hub, Membership, Presence, Topic};
 use crate::ids::{ConversationId, MessageId, NotificationId};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
@@ -373,6 +373,9 @@ impl Writer {
         self.absent.clear();
         let mut users: Vec<Arc<str>> = Vec::new();
         let mut count = 0;
+        // Each new message: its conversation, the participants, the sender.
+        type Send<'a> = (ConversationId, Arc<[Arc<str>]>, &'a str);
+        let mut sends: Vec<Send<'_>> = Vec::new();
         for r in requests {
             match r {
                 Request::Chat {
@@ -381,24 +384,38 @@ impl Writer {
                     outbox,
                 } => {
                     let participants = self.participants(g, *conversation)?;
-                    let presence = &self.w.presence;
-                    // A bug in presence costs that one request (handling it
-                    // asks again, and drops it then), not the group.
-                    let absent = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        presence.absent(*conversation, &participants, &outbox.user)
-                    }))
-                    .ok();
-                    if let Some(absent) = &absent {
-                        count += absent.len();
-                        users.extend(absent.iter().cloned());
-                    }
-                    self.absent.push_back(absent);
+                    sends.push((*conversation, participants, &outbox.user));
                 }
                 Request::Notify { user, .. } => {
                     count += 1;
                     users.push(Arc::from(user.as_str()));
                 }
                 _ => {}
+            }
+        }
+        if !sends.is_empty() {
+            let asks: Vec<Ask<'_>> = sends
+                .iter()
+                .map(|(conversation, participants, sender)| Ask {
+                    conversation: *conversation,
+                    participants,
+                    sender,
+                })
+                .collect();
+            let presence = &self.w.presence;
+            // A bug in presence costs those requests (handling each asks
+            // again, and drops it then), not the group.
+            let answers =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| presence.absent_each(&asks)));
+            match answers {
+                Ok(answers) => {
+                    for absent in answers {
+                        count += absent.len();
+                        users.extend(absent.iter().cloned());
+                        self.absent.push_back(Some(absent));
+                    }
+                }
+                Err(_) => self.absent.extend(sends.iter().map(|_| None)),
             }
         }
         if count == 0 {

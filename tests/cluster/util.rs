@@ -40,7 +40,33 @@ impl Cluster {
         let url = self.redis.url();
         let mut args = vec!["--database-url", &self.database, "--redis-url", &url];
         args.extend_from_slice(extra);
-        Server::own(&args)
+        let node = Server::own(&args);
+        // A node takes writes once it hears the bus (its own heartbeat
+        // back), a moment after it listens.
+        ready(&node.addr);
+        node
+    }
+}
+
+/// Waits (bounded) until `/healthz` at `addr` answers 200, without a runtime.
+fn ready(addr: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let ok = std::net::TcpStream::connect(addr).ok().and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            s.write_all(
+                format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .ok()?;
+            let mut head = [0u8; 12];
+            s.read_exact(&mut head).ok()?;
+            Some(head.ends_with(b"200"))
+        });
+        if ok == Some(true) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "node {addr} never became healthy");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

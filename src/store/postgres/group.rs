@@ -62,16 +62,20 @@ const INSERT_CONVERSATION: &str =
     "INSERT INTO conversations (id, title, participants, created_at, last_seq) VALUES ($1, $2, $3, $4, $5)";
 const INSERT_PARTICIPANTS: &str = "INSERT INTO participants (user_name, conversation) \
      SELECT u, $2 FROM unnest($1::text[]) AS u ON CONFLICT DO NOTHING";
-const UPSERT_MESSAGES: &str = "INSERT INTO messages (id, conversation, sender, content, created_at, edited, deleted, seq) \
-     SELECT * FROM unnest($1::int8[], $2::int8[], $3::text[], $4::bytea[], $5::int8[], $6::bool[], $7::bool[], $8::int8[]) \
-     ON CONFLICT (id) DO UPDATE SET content = EXCLUDED.content, edited = EXCLUDED.edited, deleted = EXCLUDED.deleted";
-const INSERT_EVENTS: &str = "INSERT INTO events (conversation, seq, kind, message, payload) \
-     SELECT * FROM unnest($1::int8[], $2::int8[], $3::int2[], $4::int8[], $5::bytea[])";
-const UPSERT_NOTIFICATIONS: &str = "INSERT INTO notifications (id, user_name, message, is_read, created_at) \
-     SELECT * FROM unnest($1::int8[], $2::text[], $3::bytea[], $4::bool[], $5::int8[]) \
-     ON CONFLICT (id) DO UPDATE SET is_read = EXCLUDED.is_read";
-const SET_LAST_SEQ: &str = "UPDATE conversations AS c SET last_seq = d.s \
-     FROM unnest($1::int8[], $2::int8[]) AS d (id, s) WHERE c.id = d.id";
+/// Every row a group writes, in one statement (each part does nothing
+/// when its arrays are empty): one statement to plan and run per group.
+const WRITE_GROUP: &str = "WITH \
+     m AS (INSERT INTO messages (id, conversation, sender, content, created_at, edited, deleted, seq) \
+       SELECT * FROM unnest($1::int8[], $2::int8[], $3::text[], $4::bytea[], $5::int8[], $6::bool[], $7::bool[], $8::int8[]) \
+       ON CONFLICT (id) DO UPDATE SET content = EXCLUDED.content, edited = EXCLUDED.edited, deleted = EXCLUDED.deleted), \
+     e AS (INSERT INTO events (conversation, seq, kind, message, payload) \
+       SELECT * FROM unnest($9::int8[], $10::int8[], $11::int2[], $12::int8[], $13::bytea[])), \
+     n AS (INSERT INTO notifications (id, user_name, message, is_read, created_at) \
+       SELECT * FROM unnest($14::int8[], $15::text[], $16::bytea[], $17::bool[], $18::int8[]) \
+       ON CONFLICT (id) DO UPDATE SET is_read = EXCLUDED.is_read), \
+     s AS (UPDATE conversations AS c SET last_seq = d.s \
+       FROM unnest($19::int8[], $20::int8[]) AS d (id, s) WHERE c.id = d.id) \
+     SELECT 1";
 
 type Step<'a, T> = Pin<Box<dyn Future<Output = std::result::Result<T, tokio_postgres::Error>> + Send + 'a>>;
 
@@ -410,10 +414,7 @@ struct Writes {
 async fn commit(client: &Object, w: &Writes) -> std::result::Result<(), tokio_postgres::Error> {
     let insert_conversation = client.prepare_cached(INSERT_CONVERSATION).await?;
     let insert_participants = client.prepare_cached(INSERT_PARTICIPANTS).await?;
-    let upsert_messages = client.prepare_cached(UPSERT_MESSAGES).await?;
-    let insert_events = client.prepare_cached(INSERT_EVENTS).await?;
-    let upsert_notifications = client.prepare_cached(UPSERT_NOTIFICATIONS).await?;
-    let set_last_seq = client.prepare_cached(SET_LAST_SEQ).await?;
+    let write_group = client.prepare_cached(WRITE_GROUP).await?;
     let commit = client.prepare_cached(COMMIT).await?;
     type Params<'a> = Vec<&'a (dyn ToSql + Sync)>;
     let mut steps: Vec<Step<'_, u64>> = Vec::new();
@@ -423,32 +424,30 @@ async fn commit(client: &Object, w: &Writes) -> std::result::Result<(), tokio_po
         let p: Params<'_> = vec![participants, id];
         steps.push(Box::pin(client.execute_raw(&insert_participants, p)));
     }
-    if !w.m_id.is_empty() {
-        let p: Params<'_> = vec![
-            &w.m_id,
-            &w.m_conversation,
-            &w.m_sender,
-            &w.m_content,
-            &w.m_at,
-            &w.m_edited,
-            &w.m_deleted,
-            &w.m_seq,
-        ];
-        steps.push(Box::pin(client.execute_raw(&upsert_messages, p)));
-    }
     let e = &w.events;
-    if !e.seq.is_empty() {
-        let p: Params<'_> = vec![&e.conversation, &e.seq, &e.kind, &e.message, &e.payload];
-        steps.push(Box::pin(client.execute_raw(&insert_events, p)));
-    }
-    if !w.n_id.is_empty() {
-        let p: Params<'_> = vec![&w.n_id, &w.n_user, &w.n_message, &w.n_read, &w.n_at];
-        steps.push(Box::pin(client.execute_raw(&upsert_notifications, p)));
-    }
-    if !w.seq_ids.is_empty() {
-        let p: Params<'_> = vec![&w.seq_ids, &w.seqs];
-        steps.push(Box::pin(client.execute_raw(&set_last_seq, p)));
-    }
+    let p: Params<'_> = vec![
+        &w.m_id,
+        &w.m_conversation,
+        &w.m_sender,
+        &w.m_content,
+        &w.m_at,
+        &w.m_edited,
+        &w.m_deleted,
+        &w.m_seq,
+        &e.conversation,
+        &e.seq,
+        &e.kind,
+        &e.message,
+        &e.payload,
+        &w.n_id,
+        &w.n_user,
+        &w.n_message,
+        &w.n_read,
+        &w.n_at,
+        &w.seq_ids,
+        &w.seqs,
+    ];
+    steps.push(Box::pin(client.execute_raw(&write_group, p)));
     let none: Params<'_> = Vec::new();
     steps.push(Box::pin(client.execute_raw(&commit, none)));
     futures_util::future::try_join_all(steps).await?;
