@@ -40,11 +40,11 @@ RATES=${RATES:-"500 2000"}
 SCENARIOS=${SCENARIOS:-"fanout chat"}
 OUT="${OUT:-loadtest/results/cluster-$(date -u +%Y-%m-%d)}"
 SECRET="cluster-secret"
-NODES=3
+NODES=${NODES:-3}
 # The fan-out run (the same for one node and for the cluster): 15 million
 # deliveries, ~15 s on this machine either way (bound by the two cores that
 # the client shares with the servers).
-FANOUT_ARGS=(--subscribers 15000 --users 150 --messages "${FANOUT_MESSAGES:-1000}" --in-flight 16)
+FANOUT_ARGS=(--subscribers 15000 --users 150 --messages "${FANOUT_MESSAGES:-1000}" --in-flight "${FANOUT_IN_FLIGHT:-16}")
 # 15,000 sockets in one process (single node) and in the tool's workers.
 ulimit -n "$(ulimit -Hn)"
 mkdir -p "$OUT"

@@ -46,6 +46,9 @@ use crate::wire::{self, OpCode, FELL_BEHIND};
 const FILL_MAX: usize = 10_000;
 /// A failed read (PostgreSQL did not answer) is tried again after this.
 const RETRY: Duration = Duration::from_secs(1);
+/// Most streams' units taken before delivering (bounds the wait of the
+/// first behind a flood of others).
+const MAX_COALESCED: usize = 256;
 /// How often streams nobody here listens to any more are dropped.
 const SWEEP: Duration = Duration::from_secs(10);
 
@@ -99,6 +102,8 @@ struct Join {
 
 enum Input {
     Unit(Key, Unit),
+    /// A unit of this node's sequencer, which waits until it is delivered.
+    Local(Key, Unit, std::sync::mpsc::SyncSender<()>),
     Join(Join),
     Read(Key, Read, Result<Fetched, StoreError>),
     /// Try a failed fill again.
@@ -160,8 +165,16 @@ impl Relay {
             max_replay,
             streams: HashMap::new(),
             tx: tx.clone(),
+            waiting: Vec::new(),
+            rt: tokio::runtime::Handle::current(),
         };
-        tokio::spawn(task.run(rx));
+        // Its own thread, as the sequencer on one node: a fan-out to a big
+        // room writes to thousands of sockets in one go, and the runtime's
+        // threads stay free for the sockets and the database meanwhile.
+        std::thread::Builder::new()
+            .name("parley-relay".into())
+            .spawn(move || task.run(rx))
+            .expect("start the relay thread");
         let sweeper = tx.downgrade();
         tokio::spawn(async move {
             loop {
@@ -175,7 +188,11 @@ impl Relay {
         Arc::new(Relay { tx })
     }
 
-    /// A group's events of one conversation, from this node's sequencer.
+    /// A group's events of one conversation, from this node's sequencer:
+    /// returns once they are handed to this node's sockets. The sequencer
+    /// waits, as it does on one node while it writes to the sockets itself,
+    /// so that what arrives meanwhile makes its next group (one write per
+    /// socket for many messages, here and on every node the group reaches).
     pub fn chat(&self, batch: &Batch) {
         let unit = Unit {
             prev: batch.last_seq.0 - u64::from(batch.events),
@@ -183,7 +200,14 @@ impl Relay {
             events: batch.events,
             frames: batch.frames.clone(),
         };
-        self.unit(Key::Chat(batch.conversation), unit);
+        let (done, delivered) = std::sync::mpsc::sync_channel(1);
+        if self
+            .tx
+            .send(Input::Local(Key::Chat(batch.conversation), unit, done))
+            .is_ok()
+        {
+            let _ = delivered.recv();
+        }
     }
 
     /// A group's notifications of one user, from this node's sequencer.
@@ -236,13 +260,54 @@ struct Task {
     max_replay: usize,
     streams: HashMap<Key, Stream>,
     tx: mpsc::UnboundedSender<Input>,
+    /// Local units' senders, told once their units went out.
+    waiting: Vec<std::sync::mpsc::SyncSender<()>>,
+    /// Where reads and timers run.
+    rt: tokio::runtime::Handle,
 }
 
 impl Task {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Input>) {
-        while let Some(input) = rx.recv().await {
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Input>) {
+        // Streams that took units since they last delivered.
+        let mut touched: Vec<Key> = Vec::new();
+        while let Some(input) = rx.blocking_recv() {
+            self.take(input, &mut touched);
+            // Whatever else is waiting is taken first, so that a stream's
+            // units that queued up meanwhile (a busy room, a burst from the
+            // bus) reach each socket in one write.
+            while touched.len() < MAX_COALESCED {
+                match rx.try_recv() {
+                    Ok(input) => self.take(input, &mut touched),
+                    Err(_) => break,
+                }
+            }
+            for key in touched.drain(..) {
+                self.advance(&key);
+            }
+            // Delivered, or waiting behind a gap or a read: either way the
+            // sequencer need not wait longer.
+            for done in self.waiting.drain(..) {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    /// Takes one input; a unit only joins its stream's pending ones (the
+    /// caller delivers them, see `run`).
+    fn take(&mut self, input: Input, touched: &mut Vec<Key>) {
+        {
             match input {
-                Input::Unit(key, unit) => self.on_unit(key, unit),
+                Input::Unit(key, unit) => {
+                    if self.on_unit(&key, unit) && !touched.contains(&key) {
+                        touched.push(key);
+                    }
+                }
+                Input::Local(key, unit, done) => {
+                    self.waiting.push(done);
+                    if self.on_unit(&key, unit) && !touched.contains(&key) {
+                        touched.push(key);
+                    }
+                }
                 Input::Join(join) => self.on_join(join),
                 Input::Read(key, read, result) => self.on_read(key, read, result),
                 Input::Retry(key) => {
@@ -275,19 +340,20 @@ impl Task {
         }
     }
 
-    fn on_unit(&mut self, key: Key, unit: Unit) {
-        let Some(stream) = self.streams.get_mut(&key) else {
-            // Nobody here listens.
-            return;
+    /// Adds a unit to its stream's pending ones; false if nobody here
+    /// listens to the stream.
+    fn on_unit(&mut self, key: &Key, unit: Unit) -> bool {
+        let Some(stream) = self.streams.get_mut(key) else {
+            return false;
         };
         if !stream.reading && stream.joins.is_empty() && !self.hub.is_listened(key.topic(), key.user()) {
-            self.streams.remove(&key);
-            return;
+            self.streams.remove(key);
+            return false;
         }
         // Two units from the same position are the same events (a fill and
         // the bus): one is enough.
         stream.pending.entry(unit.prev).or_insert(unit);
-        self.advance(&key);
+        true
     }
 
     /// Delivers every pending unit that continues the stream, drops what
@@ -301,6 +367,11 @@ impl Task {
         }
         let Some(mut at) = stream.delivered else { return };
         let mut gap = false;
+        // Every unit that continues the stream, in one buffer (one write
+        // per socket); the first alone is not copied.
+        let mut first: Option<Bytes> = None;
+        let mut more = BytesMut::new();
+        let mut events = 0;
         while let Some((prev, unit)) = stream.pending.pop_first() {
             if unit.last <= at {
                 continue;
@@ -314,8 +385,21 @@ impl Task {
                 gap = true;
                 break;
             }
-            deliver(&self.hub, &self.metrics, key, &unit.frames, unit.events);
+            match &first {
+                None => first = Some(unit.frames),
+                Some(f) => {
+                    if more.is_empty() {
+                        more.extend_from_slice(f);
+                    }
+                    more.extend_from_slice(&unit.frames);
+                }
+            }
+            events += unit.events;
             at = unit.last;
+        }
+        if let Some(first) = first {
+            let frames = if more.is_empty() { first } else { more.freeze() };
+            deliver(&self.hub, &self.metrics, key, &frames, events);
         }
         stream.delivered = Some(at);
         if gap || stream.behind {
@@ -325,6 +409,9 @@ impl Task {
 
     fn on_join(&mut self, join: Join) {
         let key = Key::of(join.topic, &join.outbox.user);
+        // Units taken before the join go out before it (to the sockets
+        // already there), as they would have without coalescing.
+        self.advance(&key);
         self.streams.entry(key.clone()).or_default().joins.push_back(join);
         self.serve_joins(&key);
     }
@@ -378,7 +465,7 @@ impl Task {
         let store = self.store.clone();
         let tx = self.tx.clone();
         let key = key.clone();
-        tokio::spawn(async move {
+        self.rt.spawn(async move {
             let result = fetch(&*store, &key, from, max).await;
             let _ = tx.send(Input::Read(key, read, result));
         });
@@ -406,7 +493,7 @@ impl Task {
                         stream.behind = true;
                         let tx = self.tx.clone();
                         let key = key.clone();
-                        tokio::spawn(async move {
+                        self.rt.spawn(async move {
                             tokio::time::sleep(RETRY).await;
                             let _ = tx.send(Input::Retry(key));
                         });
