@@ -21,7 +21,7 @@ run() { # name bin scenario
     for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/healthz" > /dev/null && break; sleep 0.2; done
     case $3 in
         density) args=(--counts 5000,10000,18000 --in-flight 256 --idle-secs 10) ;;
-        fanout)  args=(--subscribers 5000 --messages 300 --in-flight 16) ;;
+        fanout)  args=(--subscribers 5000 --messages "${FANOUT_MESSAGES:-300}" --in-flight "${FANOUT_IN_FLIGHT:-16}") ;;
         chat)    args=(--conversations 1000 --members 5 --rate 500 --duration 20) ;;
     esac
     "$B" "$3" --url "http://127.0.0.1:$PORT" --secret "$SECRET" --pid "$pid" "${args[@]}" > "$OUT/$1-$3.txt"

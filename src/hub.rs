@@ -323,6 +323,11 @@ impl Hub {
         out
     }
 
+    /// How many sockets of this node are open on `conversation`.
+    pub fn listeners(&self, conversation: ConversationId) -> usize {
+        self.room(conversation).map_or(0, |room| lock(&room).peers.len())
+    }
+
     /// Whether a socket of this node listens to `topic` (of `user`, for
     /// notifications).
     pub fn is_listened(&self, topic: Topic, user: &str) -> bool {

@@ -46,6 +46,9 @@ use crate::wire::{self, OpCode, FELL_BEHIND};
 const FILL_MAX: usize = 10_000;
 /// A failed read (PostgreSQL did not answer) is tried again after this.
 const RETRY: Duration = Duration::from_secs(1);
+/// Rooms with at least this many sockets here make this node's sequencer
+/// wait for their delivery (see [`Relay::chat`]).
+const WAIT_FROM: usize = 256;
 /// Most streams' units taken before delivering (bounds the wait of the
 /// first behind a flood of others).
 const MAX_COALESCED: usize = 256;
@@ -148,6 +151,7 @@ struct Stream {
 /// The handle: units from the sequencer and the bus, joins from upgrades.
 pub struct Relay {
     tx: mpsc::UnboundedSender<Input>,
+    hub: Arc<Hub>,
 }
 
 impl Relay {
@@ -158,6 +162,7 @@ impl Relay {
         max_replay: usize,
     ) -> Arc<Relay> {
         let (tx, rx) = mpsc::unbounded_channel();
+        let hub_handle = hub.clone();
         let task = Task {
             hub,
             store,
@@ -185,14 +190,15 @@ impl Relay {
                 }
             }
         });
-        Arc::new(Relay { tx })
+        Arc::new(Relay { tx, hub: hub_handle })
     }
 
-    /// A group's events of one conversation, from this node's sequencer:
-    /// returns once they are handed to this node's sockets. The sequencer
-    /// waits, as it does on one node while it writes to the sockets itself,
-    /// so that what arrives meanwhile makes its next group (one write per
-    /// socket for many messages, here and on every node the group reaches).
+    /// A group's events of one conversation, from this node's sequencer.
+    /// For a big room, returns once they are handed to this node's
+    /// sockets: the sequencer waits, as it does on one node while it writes
+    /// to the sockets itself, so that what arrives meanwhile makes its next
+    /// group (one write per socket for many messages, here and on every
+    /// node the group reaches).
     pub fn chat(&self, batch: &Batch) {
         let unit = Unit {
             prev: batch.last_seq.0 - u64::from(batch.events),
@@ -200,12 +206,14 @@ impl Relay {
             events: batch.events,
             frames: batch.frames.clone(),
         };
+        let key = Key::Chat(batch.conversation);
+        if self.hub.listeners(batch.conversation) < WAIT_FROM {
+            // A small room: nothing to gain from bigger groups, only latency.
+            self.unit(key, unit);
+            return;
+        }
         let (done, delivered) = std::sync::mpsc::sync_channel(1);
-        if self
-            .tx
-            .send(Input::Local(Key::Chat(batch.conversation), unit, done))
-            .is_ok()
-        {
+        if self.tx.send(Input::Local(key, unit, done)).is_ok() {
             let _ = delivered.recv();
         }
     }
