@@ -62,6 +62,24 @@ struct Inner {
     down: AtomicBool,
     /// What else writes need (a cluster node: its bus subscription).
     also: std::sync::OnceLock<Requirement>,
+    /// Conversations read so far. A conversation never changes once
+    /// created, so every node may keep it: an upgrade's checks (exists, a
+    /// participant) then cost the database nothing, which matters when a
+    /// dead node's clients all reconnect at once. Bounded; not-found is
+    /// never kept (another node may create it next).
+    conversations: dashmap::DashMap<ConversationId, Arc<Conversation>>,
+}
+
+/// Conversations kept per node; past it the cache starts over.
+const CONVERSATIONS_KEPT: usize = 100_000;
+
+impl Inner {
+    fn remember(&self, c: &Conversation) {
+        if self.conversations.len() >= CONVERSATIONS_KEPT {
+            self.conversations.clear();
+        }
+        self.conversations.insert(c.id, Arc::new(c.clone()));
+    }
 }
 
 /// A condition writes need besides the database itself.
@@ -116,6 +134,7 @@ impl PgStore {
             rt: tokio::runtime::Handle::current(),
             down: AtomicBool::new(false),
             also: std::sync::OnceLock::new(),
+            conversations: dashmap::DashMap::new(),
         });
         tokio::spawn(watch(Arc::downgrade(&inner)));
         Ok(PgStore { inner })
@@ -277,23 +296,24 @@ macro_rules! params {
 #[async_trait]
 impl Store for PgStore {
     async fn conversation(&self, id: ConversationId) -> Result<Option<Conversation>> {
+        if let Some(c) = self.inner.conversations.get(&id) {
+            return Ok(Some(Conversation::clone(&c)));
+        }
         let rows = self.query(CONVERSATION, params![key(id.0)]).await?;
-        Ok(rows.first().map(conversation_from))
+        let found = rows.first().map(conversation_from);
+        if let Some(c) = &found {
+            self.inner.remember(c);
+        }
+        Ok(found)
     }
     async fn conversation_exists(&self, id: ConversationId) -> Result<bool> {
-        let rows = self
-            .query("SELECT 1 FROM conversations WHERE id = $1", params![key(id.0)])
-            .await?;
-        Ok(!rows.is_empty())
+        Ok(self.conversation(id).await?.is_some())
     }
     async fn is_participant(&self, conversation: ConversationId, user: &str) -> Result<bool> {
-        let rows = self
-            .query(
-                "SELECT 1 FROM participants WHERE conversation = $1 AND user_name = $2",
-                params![key(conversation.0), user.to_string()],
-            )
-            .await?;
-        Ok(!rows.is_empty())
+        Ok(self
+            .conversation(conversation)
+            .await?
+            .is_some_and(|c| c.participants.iter().any(|p| p == user)))
     }
     async fn conversations_of(&self, user: &str) -> Result<Vec<Conversation>> {
         let rows = self
