@@ -37,6 +37,11 @@ fn watchers_key(c: ConversationId) -> String {
     format!("parley:w:{}", c.0)
 }
 
+/// The field of `user` watching on `node`, in a conversation's hash.
+fn watch_field(node: u64, user: &str) -> String {
+    format!("{node:x}:{user}")
+}
+
 fn node_key(node: u64) -> String {
     format!("parley:node:{node:x}")
 }
@@ -270,11 +275,7 @@ async fn write(
                     // that forgot it (and what is queued is in it).
                     queued.clear();
                     for (c, user) in hub.watching() {
-                        pipe.cmd("HSET")
-                            .arg(watchers_key(c))
-                            .arg(format!("{node:x}:{user}"))
-                            .arg(1)
-                            .ignore();
+                        queued.push(Change::Watch(c, user, true));
                     }
                 }
                 _ => {
@@ -288,14 +289,14 @@ async fn write(
                 Change::Watch(c, user, true) => {
                     pipe.cmd("HSET")
                         .arg(watchers_key(c))
-                        .arg(format!("{node:x}:{user}"))
+                        .arg(watch_field(node, &user))
                         .arg(1)
                         .ignore();
                 }
                 Change::Watch(c, user, false) => {
                     pipe.cmd("HDEL")
                         .arg(watchers_key(c))
-                        .arg(format!("{node:x}:{user}"))
+                        .arg(watch_field(node, &user))
                         .ignore();
                 }
                 Change::Forget(c, field) => {

@@ -303,47 +303,45 @@ impl Task {
     /// Takes one input; a unit only joins its stream's pending ones (the
     /// caller delivers them, see `run`).
     fn take(&mut self, input: Input, touched: &mut Vec<Key>) {
-        {
-            match input {
-                Input::Unit(key, unit) => {
-                    if self.on_unit(&key, unit) && !touched.contains(&key) {
-                        touched.push(key);
-                    }
+        match input {
+            Input::Unit(key, unit) => {
+                if self.on_unit(&key, unit) && !touched.contains(&key) {
+                    touched.push(key);
                 }
-                Input::Local(key, unit, done) => {
-                    self.waiting.push(done);
-                    if self.on_unit(&key, unit) && !touched.contains(&key) {
-                        touched.push(key);
-                    }
+            }
+            Input::Local(key, unit, done) => {
+                self.waiting.push(done);
+                if self.on_unit(&key, unit) && !touched.contains(&key) {
+                    touched.push(key);
                 }
-                Input::Join(join) => self.on_join(join),
-                Input::Read(key, read, result) => self.on_read(key, read, result),
-                Input::Retry(key) => {
-                    if self
-                        .streams
-                        .get(&key)
-                        .is_some_and(|s| !s.reading && s.delivered.is_some())
-                    {
+            }
+            Input::Join(join) => self.on_join(join),
+            Input::Read(key, read, result) => self.on_read(key, read, result),
+            Input::Retry(key) => {
+                if self
+                    .streams
+                    .get(&key)
+                    .is_some_and(|s| !s.reading && s.delivered.is_some())
+                {
+                    self.read(&key, Read::Fill);
+                }
+            }
+            Input::Resync => {
+                let keys: Vec<Key> = self.streams.keys().cloned().collect();
+                for key in keys {
+                    let s = self.streams.get_mut(&key).expect("listed");
+                    if s.reading {
+                        s.behind = true;
+                    } else if s.delivered.is_some() {
                         self.read(&key, Read::Fill);
                     }
                 }
-                Input::Resync => {
-                    let keys: Vec<Key> = self.streams.keys().cloned().collect();
-                    for key in keys {
-                        let s = self.streams.get_mut(&key).expect("listed");
-                        if s.reading {
-                            s.behind = true;
-                        } else if s.delivered.is_some() {
-                            self.read(&key, Read::Fill);
-                        }
-                    }
-                }
-                Input::Sweep => {
-                    let hub = &self.hub;
-                    self.streams.retain(|key, s| {
-                        s.reading || !s.joins.is_empty() || hub.is_listened(key.topic(), key.user())
-                    });
-                }
+            }
+            Input::Sweep => {
+                let hub = &self.hub;
+                self.streams.retain(|key, s| {
+                    s.reading || !s.joins.is_empty() || hub.is_listened(key.topic(), key.user())
+                });
             }
         }
     }
@@ -574,8 +572,7 @@ impl Task {
 fn frames_after(items: &[(u64, Bytes)], at: u64) -> (Bytes, u32) {
     let mut out = BytesMut::new();
     let mut n = 0;
-    for (pos, frame) in items.iter().filter(|(pos, _)| *pos > at) {
-        let _ = pos;
+    for (_, frame) in items.iter().filter(|(pos, _)| *pos > at) {
         out.extend_from_slice(frame);
         n += 1;
     }

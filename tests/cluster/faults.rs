@@ -84,11 +84,7 @@ async fn a_node_killed_under_load_loses_only_its_sockets_which_resume_on_another
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_under_load_loses_and_reorders_nothing() {
     let mut c = Cluster::start(2);
-    let alice = user("alice");
-    let bob = user("bob");
-    let conv = c.nodes[0].create_conversation(&alice, &[&bob]).await;
-    let mut wa = c.nodes[0].ws_chat(conv, &alice).await;
-    let mut wb = c.nodes[1].ws_chat(conv, &bob).await;
+    let Two { mut wa, mut wb, .. } = two(&c, 0, 1).await;
     let mut accepted = Vec::new();
     let mut refused = 0;
     for i in 0..20 {
@@ -128,11 +124,13 @@ async fn redis_restarted_under_load_loses_and_reorders_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restarted_refuses_writes_meanwhile_and_loses_nothing_acknowledged() {
     let mut c = Cluster::start(2);
-    let alice = user("alice");
-    let bob = user("bob");
-    let conv = c.nodes[0].create_conversation(&alice, &[&bob]).await;
-    let mut wa = c.nodes[0].ws_chat(conv, &alice).await;
-    let mut wb = c.nodes[1].ws_chat(conv, &bob).await;
+    let Two {
+        conv,
+        bob,
+        mut wa,
+        mut wb,
+        ..
+    } = two(&c, 0, 1).await;
     let mut accepted = Vec::new();
     for i in 0..10 {
         let t = format!("m{i}");

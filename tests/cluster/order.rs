@@ -84,12 +84,14 @@ async fn a_conversation_reads_the_same_on_every_node_while_two_nodes_write_to_it
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_socket_resumes_on_another_node_with_no_gap_and_no_duplicate() {
     let c = Cluster::start(3);
-    let (a, b, n3) = (&c.nodes[0], &c.nodes[1], &c.nodes[2]);
-    let alice = user("alice");
-    let bob = user("bob");
-    let conv = a.create_conversation(&alice, &[&bob]).await;
-    let mut wa = a.ws_chat(conv, &alice).await;
-    let mut wb = b.ws_chat(conv, &bob).await;
+    let n3 = &c.nodes[2];
+    let Two {
+        conv,
+        bob,
+        mut wa,
+        mut wb,
+        ..
+    } = two(&c, 0, 1).await;
     let first = say(&mut wa, "before").await;
     let seen_by_bob = recv_json(&mut wb).await;
     assert_eq!(seen_by_bob["id"], first["id"]);
@@ -193,13 +195,10 @@ async fn notifications_sent_through_every_node_reach_a_socket_on_one_node_in_id_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_loses_its_subscription_says_so_then_fills_the_gap() {
     let c = Cluster::start(2);
-    let (a, b) = (&c.nodes[0], &c.nodes[1]);
-    wait_health(b, 200, Duration::from_secs(10)).await;
-    let alice = user("alice");
-    let bob = user("bob");
-    let conv = a.create_conversation(&alice, &[&bob]).await;
-    let mut wa = a.ws_chat(conv, &alice).await;
-    let mut wb = b.ws_chat(conv, &bob).await;
+    let b = &c.nodes[1];
+    let Two {
+        bob, mut wa, mut wb, ..
+    } = two(&c, 0, 1).await;
     say(&mut wa, "before").await;
     assert_eq!(recv_json(&mut wb).await["content"], "before");
     // Node B's link to Redis is cut; it says so, and node A writes
@@ -234,4 +233,47 @@ async fn a_node_that_loses_its_subscription_says_so_then_fills_the_gap() {
     say(&mut wa, "after").await;
     assert_eq!(recv_json(&mut wb).await["content"], "after");
     expect_silence(&mut wb, 100).await;
+}
+
+/// Part D's bounded replay, served by another node than the one written
+/// to: more missed than `--max-replay-events` gives `resume.truncated`
+/// naming the message (notification) the replay follows, then the newest
+/// ones, then live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_resume_on_another_node_names_what_it_follows() {
+    let c = Cluster::start(1);
+    let a = &c.nodes[0];
+    let limited = c.node(&["--max-replay-events", "3"]);
+    let Two {
+        conv, bob, mut wa, ..
+    } = two(&c, 0, 0).await;
+    let mut sent = Vec::new();
+    for i in 0..6 {
+        sent.push(id_of(&say(&mut wa, &format!("m{i}")).await));
+    }
+    let mut wb = limited
+        .ws(&format!("/ws/chat/{conv}/?after=0"), &limited.token(&bob))
+        .await;
+    let truncated = recv_json(&mut wb).await;
+    assert_eq!(truncated, json!({"type": "resume.truncated", "after": sent[2]}));
+    let replay: Vec<u64> = recv_n(&mut wb, 3).await.iter().map(id_of).collect();
+    assert_eq!(replay, sent[3..].to_vec());
+    let live = say(&mut wa, "live").await;
+    assert_eq!(id_of(&recv_json(&mut wb).await), id_of(&live));
+
+    let mut notes = Vec::new();
+    for i in 0..5 {
+        notes.push(a.notify(&bob, &format!("n{i}")).await["id"].as_u64().unwrap());
+    }
+    let mut wn = limited
+        .ws("/ws/notifications/?after=0", &limited.token(&bob))
+        .await;
+    let truncated = recv_json(&mut wn).await;
+    assert_eq!(truncated, json!({"type": "resume.truncated", "after": notes[1]}));
+    let replay: Vec<u64> = recv_n(&mut wn, 3)
+        .await
+        .iter()
+        .map(|n| n["message"]["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(replay, notes[2..].to_vec());
 }

@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use crate::engines::{Postgres, Redis};
-use crate::harness::Server;
+use crate::harness::{user, Server, Ws};
 
 pub struct Cluster {
     #[allow(dead_code)] // kept running for the cluster's life
@@ -46,6 +46,25 @@ impl Cluster {
         ready(&node.addr);
         node
     }
+}
+
+/// Alice and Bob in a new conversation, each with a chat socket open on
+/// another node.
+pub struct Two {
+    pub conv: u64,
+    pub bob: String,
+    pub wa: Ws,
+    pub wb: Ws,
+}
+
+/// [`Two`], Alice's socket on node `a`, Bob's on node `b`.
+pub async fn two(c: &Cluster, a: usize, b: usize) -> Two {
+    let alice = user("alice");
+    let bob = user("bob");
+    let conv = c.nodes[a].create_conversation(&alice, &[&bob]).await;
+    let wa = c.nodes[a].ws_chat(conv, &alice).await;
+    let wb = c.nodes[b].ws_chat(conv, &bob).await;
+    Two { conv, bob, wa, wb }
 }
 
 /// Waits (bounded) until `/healthz` at `addr` answers 200, without a runtime.

@@ -227,13 +227,9 @@ impl PgGroup {
         Ok(g)
     }
 
+    /// A locked conversation row: its columns, then `last_seq`.
     fn hold(&mut self, r: &Row) {
-        let conversation = Conversation {
-            id: ConversationId(r.get::<_, i64>(0) as u64),
-            title: r.get::<_, Option<Vec<u8>>>(1).map(text),
-            participants: r.get(2),
-            created_at: Micros(r.get::<_, i64>(3) as u64),
-        };
+        let conversation = conversation_from(r);
         self.held.insert(
             conversation.id,
             Held {
